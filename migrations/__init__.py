@@ -1,0 +1,1 @@
+"""Alembic migrations for trackrelay's tables (``trackrelay migrate`` runs them)."""

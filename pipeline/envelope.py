@@ -1,0 +1,105 @@
+"""A stored request body opened into its messages, each judged on its own.
+
+The receiver judges a request to answer it; the worker opens the same stored bytes the same
+way to expand them into events. Both go through :func:`open_envelope` and :func:`judge`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from pipeline.messages import INVALID_WRITE_KEY, Problem, check_object, check_timestamp, validate_message
+from pipeline.sources import message_write_key
+
+# What a route's body holds: one message, a {"batch": [...]} object, or either (webhooks).
+SINGLE, BATCH, WEBHOOK = "single", "batch", "webhook"
+
+
+class Refused(Exception):
+    """The request as a whole is unacceptable; nothing in it goes on."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+@dataclass
+class Envelope:
+    """A parsed body: its messages, and the batch-level fields that apply to each of them."""
+
+    is_batch: bool
+    items: list[Any]
+    batch: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_key(self) -> str | None:
+        key = self.batch.get("writeKey")
+        return key if isinstance(key, str) and key else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One message's fate: accepted for ``source``, or refused with ``problem``."""
+
+    index: int
+    problem: Problem | None
+    source: str | None = None
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Refused(Problem("invalid_json", "Invalid JSON", str(exc)[:300])) from None
+
+
+def open_envelope(body: bytes, kind: str) -> Envelope:
+    """Parse a body for a route of ``kind``; raise :class:`Refused` if it cannot be used at all."""
+    data = parse_json(body)
+    if not isinstance(data, dict):
+        raise Refused(Problem("invalid_body", "Body must be a JSON object",
+                              f"got {type(data).__name__}"))
+    if kind == SINGLE or (kind == WEBHOOK and "batch" not in data):
+        return Envelope(is_batch=False, items=[data])
+    items = data.get("batch")
+    if not isinstance(items, list):
+        raise Refused(Problem("invalid_batch", "Missing batch", "batch must be an array of messages"))
+    if not items:
+        raise Refused(Problem("empty_batch", "Empty batch", "batch holds no messages"))
+    for check, key in ((check_object, "context"), (check_object, "integrations"), (check_timestamp, "sentAt")):
+        problem = check(data, key)
+        if problem is not None:
+            raise Refused(problem)
+    key = data.get("writeKey")
+    if key is not None and not isinstance(key, str):
+        raise Refused(Problem("invalid_write_key", INVALID_WRITE_KEY, "writeKey must be a string"))
+    return Envelope(is_batch=True, items=items, batch=data)
+
+
+def judge(envelope: Envelope, *, route_type: str | None, override_key: str | None,
+          auth_key: str | None, source_for: Callable[[str | None], str | None],
+          max_message_bytes: int, body_size: int) -> list[Verdict]:
+    """Judge every message: its shape, its size inside a batch, and its write key."""
+    verdicts = []
+    # A message inside a batch is measured as its compact JSON; when the whole body is under
+    # the limit no message can be over it, and we skip re-serialising.
+    measure = envelope.is_batch and body_size > max_message_bytes
+    for index, message in enumerate(envelope.items):
+        problem = validate_message(message, route_type)
+        if problem is None and measure:
+            size = len(orjson.dumps(message))
+            if size > max_message_bytes:
+                problem = Problem("message_too_large", "Message too large",
+                                  f"message is {size} bytes, the limit is {max_message_bytes}", status=413)
+        source = None
+        if problem is None:
+            key = message_write_key(message, override_key, envelope.batch_key, auth_key)
+            source = source_for(key)
+            if source is None:
+                problem = Problem("invalid_write_key", INVALID_WRITE_KEY)
+        verdicts.append(Verdict(index, problem, source))
+    return verdicts

@@ -1,0 +1,162 @@
+"""Validation of one Segment-style message: the one place these rules live.
+
+The receiver calls :func:`validate_message` to answer 200/207/400; the worker calls the same
+function when it decodes a stored request, so a message is judged the same way twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+MESSAGE_TYPES = ("identify", "track", "page", "screen", "group", "alias")
+TIMESTAMP_FIELDS = ("timestamp", "sentAt", "originalTimestamp")
+OBJECT_FIELDS = ("context", "integrations", "properties", "traits")
+MAX_MESSAGE_ID = 100
+INVALID_WRITE_KEY = "Invalid or missing writekey"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why input was refused: a machine ``code``, the spec's ``Message`` and ``Details``."""
+
+    code: str
+    message: str
+    details: str = ""
+    status: int = 400
+    error: str = "Bad Request"
+
+
+def present(value: Any) -> bool:
+    """``null`` and ``""`` count as absent: analytics-python sends ``"anonymousId": null``."""
+    return value is not None and value != ""
+
+
+def _is_id(value: Any) -> bool:
+    # A non-empty string or a number, kept as sent. bool is an int in Python; not an id.
+    return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def parse_timestamp(value: str) -> datetime:
+    """ISO-8601 to an aware UTC datetime; no offset means UTC. Raises ValueError."""
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def message_type(message: dict[str, Any], route_type: str | None) -> str | None:
+    """The type the message has once the route fills a missing one (None if it has none)."""
+    declared = message.get("type")
+    return route_type if declared is None else declared
+
+
+def validate_message(message: Any, route_type: str | None = None) -> Problem | None:
+    """Return the first problem that makes ``message`` unacceptable, or None.
+
+    Args:
+        message: the decoded JSON of one message.
+        route_type: the type a single-message route stands for ("track" for /v1/track); it
+            fills a missing ``type`` and a different declared type is an error.
+    """
+    if not isinstance(message, dict):
+        return Problem("invalid_message", "Message must be a JSON object",
+                       f"got {type(message).__name__}")
+    problem = _check_type(message, route_type)
+    if problem is None:
+        problem = _check_identity(message, message_type(message, route_type))
+    if problem is None:
+        problem = _check_fields(message)
+    return problem
+
+
+def _check_type(message: dict[str, Any], route_type: str | None) -> Problem | None:
+    declared = message.get("type")
+    if declared is None:
+        if route_type is None:
+            return Problem("missing_type", "Missing type",
+                           f"type must be one of {', '.join(MESSAGE_TYPES)}")
+        return None
+    if not isinstance(declared, str) or declared not in MESSAGE_TYPES:
+        return Problem("invalid_type", "Invalid type",
+                       f"type {declared!r} is not one of {', '.join(MESSAGE_TYPES)}"[:300])
+    if route_type is not None and declared != route_type:
+        return Problem("type_mismatch", "Type does not match the endpoint",
+                       f"a {declared} message was sent to the {route_type} endpoint")
+    return None
+
+
+def _check_identity(message: dict[str, Any], kind: str) -> Problem | None:
+    for key in ("userId", "anonymousId"):
+        if present(message.get(key)) and not _is_id(message[key]):
+            return Problem("invalid_user_id", f"Invalid {key}", f"{key} must be a string or a number")
+    if kind == "alias":
+        previous = message.get("previousId")
+        if not present(previous):
+            return Problem("missing_previous_id", "Missing previousId", "alias needs previousId")
+        if not _is_id(previous):
+            return Problem("invalid_previous_id", "Invalid previousId",
+                           "previousId must be a string or a number")
+    if not (present(message.get("userId")) or present(message.get("anonymousId"))):
+        return Problem("missing_user_id", "Missing userId or anonymousId",
+                       "a userId or an anonymousId is required")
+    if kind == "track":
+        name = message.get("event")
+        if name is None:
+            name = message.get("eventName")
+        if not present(name):
+            return Problem("missing_event", "Missing event", "track needs an event name")
+        if not isinstance(name, str):
+            return Problem("invalid_event", "Invalid event", "event must be a string")
+    if kind == "group":
+        group_id = message.get("groupId")
+        if not present(group_id):
+            return Problem("missing_group_id", "Missing groupId", "group needs a groupId")
+        if not _is_id(group_id):
+            return Problem("invalid_group_id", "Invalid groupId", "groupId must be a string or a number")
+    return None
+
+
+def _check_fields(message: dict[str, Any]) -> Problem | None:
+    message_id = message.get("messageId")
+    if message_id is not None and (not isinstance(message_id, str) or len(message_id) > MAX_MESSAGE_ID):
+        return Problem("invalid_message_id", "Invalid messageId",
+                       f"messageId must be a string of at most {MAX_MESSAGE_ID} characters")
+    for key in TIMESTAMP_FIELDS:
+        problem = check_timestamp(message, key)
+        if problem is not None:
+            return problem
+    for key in OBJECT_FIELDS:
+        problem = check_object(message, key)
+        if problem is not None:
+            return problem
+    key = message.get("writeKey")
+    if key is not None and not isinstance(key, str):
+        return Problem("invalid_write_key", INVALID_WRITE_KEY, "writeKey must be a string")
+    return None
+
+
+def check_timestamp(obj: dict[str, Any], key: str) -> Problem | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            parse_timestamp(value)
+            return None
+        except ValueError:
+            pass
+    return Problem("invalid_timestamp", f"Invalid {key}",
+                   f"{key} must be an ISO-8601 date string, got {value!r}"[:300])
+
+
+def check_object(obj: dict[str, Any], key: str) -> Problem | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, dict):
+        return None
+    return Problem(f"invalid_{_snake(key)}", f"Invalid {key}", f"{key} must be a JSON object")
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)

@@ -1,0 +1,63 @@
+"""The tables, as one SQLAlchemy Core ``metadata`` that Alembic migrations are checked against."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, MetaData, SmallInteger, String, Table, Text
+
+# Naming convention so that constraint names are the same on SQLite and Postgres and Alembic
+# batch mode can find them again.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# BIGINT on Postgres; INTEGER on SQLite, where only "INTEGER PRIMARY KEY" is the rowid alias
+# that autoincrements.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+# One row per accepted HTTP request, written before the 200 is sent. The body is the raw
+# decompressed bytes as received; the pipeline decodes it later.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    # Milliseconds since the Unix epoch, UTC: the same integer on every backend.
+    Column("received_at_ms", BigInteger, nullable=False),
+    # "track", "batch", "webhook", "pixel/page"...: what the pipeline needs to expand the body.
+    Column("route", String(32), nullable=False),
+    # Never NULL: open mode stores "default" so uniqueness on (source, messageId) holds.
+    Column("source", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("remote_addr", Text, nullable=True),
+    Column("user_agent", Text, nullable=True),
+    # The HTTP Basic username: the write key of messages that carry none of their own.
+    Column("auth_key", Text, nullable=True),
+    # The webhook ?writeKey=, which overrides every key in the body.
+    Column("override_key", Text, nullable=True),
+    # pending -> done (decoded by the pipeline).
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Index("ix_outbox_state_id", "state", "id"),
+)
+
+# What the receiver refused whole (400, 413, invalid pixels) and, later, the failed items of a
+# 207 batch as the pipeline decodes them: where an operator sees why data did not go on.
+rejected = Table(
+    "rejected",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("received_at_ms", BigInteger, nullable=False),
+    Column("route", String(32), nullable=False),
+    Column("source", Text, nullable=True),
+    Column("status", SmallInteger, nullable=False),
+    Column("code", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    # The input as received, cut to a few KB: enough to see what was wrong, never a flood.
+    Column("raw", LargeBinary, nullable=True),
+    Column("remote_addr", Text, nullable=True),
+    Index("ix_rejected_received_at_ms", "received_at_ms"),
+)

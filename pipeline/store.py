@@ -1,0 +1,161 @@
+"""The storage layer: one SQLAlchemy engine serving SQLite and Postgres, every query named here.
+
+Contract:
+- ``append`` writes a group of outbox and rejected rows in ONE transaction and returns only
+  once it is committed (on SQLite, with ``synchronous=FULL``, once the WAL is fsynced). It is
+  blocking: callers on an event loop run it on a thread.
+- A failed ``append`` has written nothing; it raises :class:`StoreUnavailable` when the
+  database could not be reached, was locked past the timeout or is full, so that the caller
+  answers 503 and the client retries.
+- Every call opens and returns its own pooled connection; none is safe to share across threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from pipeline.config import DatabaseConfig
+from pipeline.schema import outbox, rejected
+
+log = logging.getLogger("trackrelay.store")
+
+
+class StoreUnavailable(Exception):
+    """The database cannot take writes now; the request may be retried later."""
+
+
+class RowRefused(Exception):
+    """The database refused this row itself (a constraint, a value it cannot hold)."""
+
+
+def normalise_url(url: str) -> str:
+    """Accept the URLs people paste (``postgres://``, ``postgresql://``) and use psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def create_store_engine(config: DatabaseConfig) -> Engine:
+    url = make_url(normalise_url(config.url))
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(url, config)
+    if url.get_backend_name() == "postgresql":
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=4,
+            max_overflow=4,
+            pool_timeout=config.lock_timeout_seconds,
+            connect_args={"connect_timeout": max(1, int(config.lock_timeout_seconds))},
+        )
+    raise ValueError(f"unsupported database URL scheme {url.drivername!r}: use sqlite:/// or postgresql://")
+
+
+def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
+    # isolation_level=None hands transaction control to us: pysqlite's own BEGIN is deferred, and
+    # a deferred writer that must upgrade its lock fails at once with SQLITE_BUSY instead of
+    # waiting out busy_timeout. Every transaction here begins IMMEDIATE (it takes the write lock
+    # up front, waiting up to the timeout); read-only work passes execution_options(readonly=True).
+    engine = create_engine(
+        url,
+        connect_args={"timeout": config.lock_timeout_seconds, "check_same_thread": False},
+    )
+    synchronous = config.sqlite_synchronous
+    timeout_ms = int(config.lock_timeout_seconds * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute(f"PRAGMA busy_timeout={timeout_ms}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        readonly = conn.get_execution_options().get("readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when an error says the database cannot take writes now, not that a row is bad."""
+    if isinstance(exc, OperationalError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    # Pool timeouts and the like: nothing about our rows.
+    return isinstance(exc, SQLAlchemyError) and not isinstance(exc, DBAPIError)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Store:
+    """The outbox and the rejected table, on one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.backend = engine.dialect.name
+
+    @classmethod
+    def open(cls, config: DatabaseConfig) -> Store:
+        return cls(create_store_engine(config))
+
+    def append(self, outbox_rows: Sequence[Mapping[str, Any]],
+               rejected_rows: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Commit these rows together (see the module contract)."""
+        try:
+            with self.engine.begin() as conn:
+                if outbox_rows:
+                    conn.execute(insert(outbox), list(outbox_rows))
+                if rejected_rows:
+                    conn.execute(insert(rejected), list(rejected_rows))
+        except SQLAlchemyError as exc:
+            if is_unavailable(exc):
+                raise StoreUnavailable(_short(exc)) from exc
+            raise RowRefused(_short(exc)) from exc
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers a query now."""
+        try:
+            with self.engine.connect().execution_options(readonly=True) as conn:
+                conn.execute(text("SELECT 1")).scalar_one()
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(_short(exc)) from exc
+
+    def count(self, table: str, **where: Any) -> int:
+        tbl = {"outbox": outbox, "rejected": rejected}[table]
+        query = select(func.count()).select_from(tbl)
+        for column, value in where.items():
+            query = query.where(tbl.c[column] == value)
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return conn.execute(query).scalar_one()
+
+    def rows(self, table: str, columns: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Every row of a table in id order: for tests and the operator CLI, not hot paths."""
+        tbl = {"outbox": outbox, "rejected": rejected}[table]
+        cols = [tbl.c[c] for c in columns] if columns else [tbl]
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return [dict(r._mapping) for r in conn.execute(select(*cols).order_by(tbl.c.id))]
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _short(exc: BaseException) -> str:
+    """The driver's message without SQLAlchemy's SQL and parameters (they may hold bodies)."""
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).splitlines()[0][:300]

@@ -1,0 +1,2 @@
+"""trackrelay's receiver: the Tornado HTTP Tracking API that commits every accepted request to
+the outbox before it answers."""

@@ -1,0 +1,94 @@
+"""The ``trackrelay`` command: run, serve, migrate.
+
+Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from pipeline.config import Config, ConfigError, load_config, settings_help
+from pipeline.logs import configure_logging
+from pipeline.migrate import upgrade
+from pipeline.store import Store
+from receiver.server import DatabaseBehind, serve
+
+log = logging.getLogger("trackrelay.cli")
+
+EPILOG = f"""\
+Settings (flag, then environment, then the --config TOML file, then default):
+{settings_help()}
+  TRACKRELAY_CONFIG names the config file.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML config file (env TRACKRELAY_CONFIG)")
+    common.add_argument("--database-url", metavar="URL", help="sqlite:///path or postgresql://... "
+                        "(env TRACKRELAY_DATABASE_URL)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--host", help="address to listen on (env TRACKRELAY_RECEIVER_HOST)")
+    server.add_argument("--port", type=int, help="port to listen on, default 8088 (env TRACKRELAY_RECEIVER_PORT)")
+    server.add_argument("--processes", type=int, metavar="N",
+                        help="receiver processes sharing the port (env TRACKRELAY_RECEIVER_PROCESSES)")
+    parser = argparse.ArgumentParser(prog="trackrelay", description="A self-hosted, Segment-compatible "
+                                     "HTTP Tracking API with durable delivery.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common, server], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   help="single-box mode: migrate the database, then receive (and deliver) events")
+    sub.add_parser("serve", parents=[common, server], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   help="the receiver alone; refuses a database that is not migrated")
+    sub.add_parser("migrate", parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   help="upgrade the database schema to the latest revision")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, dict[str, Any]] = {
+        "database": {"url": args.database_url},
+        "receiver": {key: getattr(args, key, None) for key in ("host", "port", "processes")},
+        "": {"log_level": args.log_level},
+    }
+    return load_config(args.config, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        print(f"trackrelay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    try:
+        if args.command == "migrate":
+            store = Store.open(config.database)
+            try:
+                upgrade(store.engine)
+            finally:
+                store.dispose()
+            log.info("event=migrated")
+            return 0
+        return serve(config, migrate=args.command == "run")
+    except DatabaseBehind as exc:
+        print(f"trackrelay: {exc}", file=sys.stderr)
+        return 1
+    except (SQLAlchemyError, OSError, ValueError) as exc:
+        # ValueError: an unsupported URL; OSError: the port is taken; SQLAlchemyError: the
+        # database cannot be reached.
+        log.error("event=failed command=%s error=%r", args.command, str(exc).splitlines()[0][:300])
+        print(f"trackrelay: {args.command} failed: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

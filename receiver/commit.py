@@ -1,0 +1,106 @@
+"""Group commit: the requests that arrive while one commit is running share the next one.
+
+A commit with fsync costs the same for one row as for hundreds, so the writer thread takes
+every row that queued up during the previous commit (up to ``max_rows``) into one transaction,
+then wakes each waiting request. Under light load that is one row per commit and no added
+wait; under heavy load the batches grow by themselves. The database work never runs on the
+event loop, and each request's answer still waits for its own row to be committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pipeline.store import RowRefused, Store, StoreUnavailable
+
+log = logging.getLogger("trackrelay.commit")
+
+Row = Mapping[str, Any]
+
+
+class _Pending:
+    __slots__ = ("table", "row", "future")
+
+    def __init__(self, table: str, row: Row, future: asyncio.Future[None]) -> None:
+        self.table, self.row, self.future = table, row, future
+
+
+class GroupCommitter:
+    """Queue rows from the event loop; one writer thread commits them in groups."""
+
+    def __init__(self, store: Store, max_rows: int = 500, timeout: float = 10.0) -> None:
+        self._store = store
+        self._max_rows = max_rows
+        self._timeout = timeout
+        self._queue: list[_Pending] = []
+        self._writing: asyncio.Future[None] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="trackrelay-commit")
+
+    async def commit(self, table: str, row: Row) -> None:
+        """Return once ``row`` is committed; raise StoreUnavailable if it could not be.
+
+        Waiting is bounded: a database that hangs becomes a 503 after ``timeout`` seconds (the
+        row may still land later; a client's resend is then deduplicated by messageId).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.append(_Pending(table, row, future))
+        if self._writing is None:
+            self._write_next(loop)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self._timeout)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"no commit within {self._timeout:g} s") from None
+
+    def _write_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        group, self._queue = self._queue[: self._max_rows], self._queue[self._max_rows:]
+        self._writing = loop.run_in_executor(self._executor, self._write, group)
+        self._writing.add_done_callback(lambda done: self._settle(loop, group, done))
+
+    def _write(self, group: list[_Pending]) -> list[BaseException | None]:
+        """On the writer thread: one transaction for the group, or row by row if one is bad."""
+        try:
+            self._append(group)
+            return [None] * len(group)
+        except StoreUnavailable as exc:
+            return [exc] * len(group)
+        except RowRefused as exc:
+            if len(group) == 1:
+                log.error("event=row_refused table=%s error=%r", group[0].table, str(exc))
+                return [StoreUnavailable(f"row refused: {exc}")]
+        # One poison row must not fail the requests it happened to share a commit with.
+        return [outcome for pending in group for outcome in self._write([pending])]
+
+    def _append(self, group: list[_Pending]) -> None:
+        self._store.append([p.row for p in group if p.table == "outbox"],
+                           [p.row for p in group if p.table == "rejected"])
+
+    def _settle(self, loop: asyncio.AbstractEventLoop, group: list[_Pending],
+                done: asyncio.Future[list[BaseException | None]]) -> None:
+        try:
+            outcomes: list[BaseException | None] = done.result()
+        except BaseException as exc:  # the executor itself failed: nothing was written
+            outcomes = [StoreUnavailable(str(exc))] * len(group)
+        for pending, outcome in zip(group, outcomes):
+            if pending.future.done():
+                continue
+            if outcome is None:
+                pending.future.set_result(None)
+            else:
+                pending.future.set_exception(outcome)
+        self._writing = None
+        if self._queue:
+            self._write_next(loop)
+
+    async def close(self) -> None:
+        """Wait for every queued row to be committed (or to fail), then stop the writer."""
+        while self._writing is not None or self._queue:
+            if self._writing is not None:
+                await asyncio.wait([self._writing])
+            else:
+                await asyncio.sleep(0)
+        self._executor.shutdown(wait=True)

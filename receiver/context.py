@@ -1,0 +1,36 @@
+"""What every handler is given: the configuration, the store, and the group committer."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.sources import SourceRegistry
+from pipeline.store import Store
+from receiver.commit import GroupCommitter
+
+
+@dataclass
+class ReceiverContext:
+    config: Config
+    store: Store
+    committer: GroupCommitter
+    sources: SourceRegistry
+    # Requests being received or committed; shutdown waits for them to be answered.
+    active: set[Any] = field(default_factory=set)
+
+    @classmethod
+    def create(cls, config: Config, store: Store) -> ReceiverContext:
+        committer = GroupCommitter(store, max_rows=config.receiver.commit_max_rows,
+                                   timeout=config.database.lock_timeout_seconds + 5)
+        return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources))
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) for active requests to be answered, then for the committer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await self.committer.close()

@@ -1,0 +1,89 @@
+"""Starting and stopping the receiver: migrations check, sockets, processes, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from socket import socket
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from pipeline.config import Config
+from pipeline.migrate import current_revision, head_revision, upgrade
+from pipeline.store import Store
+from receiver.app import make_app
+from receiver.context import ReceiverContext
+from receiver.processes import supervise
+
+log = logging.getLogger("trackrelay.server")
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class DatabaseBehind(Exception):
+    """The database schema is older than this code: `trackrelay migrate` fixes it."""
+
+
+def prepare_database(config: Config, migrate: bool) -> None:
+    """Migrate (single-box mode) or refuse a database that is behind (``serve``)."""
+    store = Store.open(config.database)
+    try:
+        if migrate:
+            upgrade(store.engine)
+            return
+        current, head = current_revision(store.engine), head_revision()
+        if current != head:
+            raise DatabaseBehind(f"the database is at revision {current or 'none'}, this trackrelay needs "
+                                 f"{head}: run `trackrelay migrate` first")
+    finally:
+        store.dispose()  # no connection may cross a fork
+
+
+def serve(config: Config, migrate: bool = False) -> int:
+    """Run the receiver in the foreground until SIGINT/SIGTERM; return the exit status."""
+    prepare_database(config, migrate)
+    receiver = config.receiver
+    sockets = bind_sockets(receiver.port, receiver.host)
+    log.info("event=listening host=%s port=%d processes=%d database=%s", receiver.host,
+             receiver.port, receiver.processes, config.database.url.split("://")[0])
+    if receiver.processes == 1:
+        return run_receiver(config, sockets)
+    return supervise([lambda: run_receiver(config, sockets)] * receiver.processes)
+
+
+def run_receiver(config: Config, sockets: list[socket]) -> int:
+    async def until_signalled() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_until(config, sockets, stop)
+        return 0
+
+    return asyncio.run(until_signalled())
+
+
+async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event) -> None:
+    """Serve on ``sockets`` until ``stop`` is set, then finish in-flight commits and return."""
+    store = Store.open(config.database)
+    ctx = ReceiverContext.create(config, store)
+    server = HTTPServer(make_app(ctx), xheaders=config.receiver.trust_forwarded_headers,
+                        decompress_request=False,
+                        # Our handlers enforce the real limits; Tornado's only bounds what we
+                        # read and throw away, so over-limit clients still get their 413.
+                        max_body_size=config.receiver.discard_cap_bytes + 1,
+                        idle_connection_timeout=120)
+    server.add_sockets(sockets)
+    log.info("event=started role=receiver")
+    await stop.wait()
+    log.info("event=stopping role=receiver in_flight=%d", len(ctx.active))
+    server.stop()
+    await ctx.drain(SHUTDOWN_GRACE_SECONDS)
+    try:
+        await asyncio.wait_for(server.close_all_connections(), 5)
+    except asyncio.TimeoutError:
+        pass
+    store.dispose()
+    log.info("event=stopped role=receiver")
