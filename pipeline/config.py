@@ -45,8 +45,8 @@ class ReceiverConfig:
     # A body over its limit is read and thrown away up to this many bytes so that the client
     # reads our 413 instead of a connection reset; past it the connection is closed.
     discard_cap_bytes: int = 16 * 1024 * 1024
-    # 207 as the spec says; 200 for SDKs that resend any non-200 (segment-analytics-python,
-    # rudder-sdk-python). The body is the same either way.
+    # 207 as the spec says; 200 for SDKs that resend any non-200 (rudder-sdk-python, and
+    # segment-analytics-python before 2.4). The body is the same either way.
     partial_success_status: int = 207
     # Empty: "Access-Control-Allow-Origin: *". Otherwise only these origins are echoed back.
     cors_origins: tuple[str, ...] = ()
