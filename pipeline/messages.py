@@ -83,7 +83,7 @@ def _check_type(message: dict[str, Any], route_type: str | None) -> Problem | No
                        f"type {declared!r} is not one of {', '.join(MESSAGE_TYPES)}"[:300])
     if route_type is not None and declared != route_type:
         return Problem("type_mismatch", "Type does not match the endpoint",
-                       f"a {declared} message was sent to the {route_type} endpoint")
+                       f"{'an' if declared[0] in 'aeiou' else 'a'} {declared} message was sent to the {route_type} endpoint")
     return None
 
 
@@ -103,7 +103,7 @@ def _check_identity(message: dict[str, Any], kind: str) -> Problem | None:
                        "a userId or an anonymousId is required")
     if kind == "track":
         name = message.get("event")
-        if name is None:
+        if not present(name):
             name = message.get("eventName")
         if not present(name):
             return Problem("missing_event", "Missing event", "track needs an event name")

@@ -116,7 +116,8 @@ class RecordingHandler(ApiHandler):
         user_agent = self.request.headers.get("User-Agent")
         row = {**self.request_facts(), "source": source, "body": body,
                "user_agent": user_agent[:512].replace("\x00", "") if user_agent else None,
-               "auth_key": auth_key, "override_key": override_key}
+               # Postgres text cannot hold NUL; a Basic username may carry one (open mode keeps it).
+               "auth_key": auth_key.replace("\x00", "") if auth_key else None, "override_key": override_key}
         try:
             await self.ctx.committer.commit("outbox", row)
         except StoreUnavailable as exc:
@@ -154,6 +155,11 @@ class IngestHandler(RecordingHandler):
     def prepare(self) -> None:
         if self.request.method != "POST":
             return
+        # Tornado counts a chunk's declared length before we see a byte of it and hands chunked
+        # bodies over in 64 KB pieces, so its limit would answer a bare 400 before
+        # data_received answers 413. We enforce the discard cap ourselves (the connection
+        # closes right after that 413), so Tornado's limit only has to stay out of the way.
+        self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
         encoding = self.request.headers.get("Content-Encoding")
         self.refusal = encoding_problem(encoding)
         if self.refusal is not None:
@@ -196,7 +202,8 @@ class IngestHandler(RecordingHandler):
             return await self.refuse(exc.problem, None)
         receiver = self.ctx.config.receiver
         auth_key = basic_auth_username(self.request.headers.get("Authorization"))
-        override_key = self.get_query_argument("writeKey", None) if self.kind != SINGLE else None
+        # An empty ?writeKey= overrides nothing.
+        override_key = (self.get_query_argument("writeKey", None) or None) if self.kind != SINGLE else None
         try:
             envelope = open_envelope(body, self.kind)
         except Refused as exc:
@@ -204,7 +211,7 @@ class IngestHandler(RecordingHandler):
         self.batch_format = envelope.is_batch or self.kind == BATCH
         if not envelope.is_batch and len(body) > receiver.max_call_bytes:
             return await self.refuse(TOO_LARGE, body)  # one message posted to a batch-sized route
-        verdicts = judge(envelope, route_type=self.route_type, override_key=override_key or None,
+        verdicts = judge(envelope, route_type=self.route_type, override_key=override_key,
                          auth_key=auth_key, source_for=self.ctx.sources.source_for,
                          max_message_bytes=receiver.max_message_bytes, body_size=len(body))
         accepted = [v for v in verdicts if v.problem is None]
