@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,49 @@ class ReceiverConfig:
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    # How often an idle job looks for work; a job that finds a backlog drains it without waiting.
+    poll_interval_seconds: float = 0.1
+    # Outbox rows decoded per transaction: short, so the receiver's commits never wait long.
+    decode_batch_rows: int = 100
+    # A claimed delivery is leased this long (renewed while its batch is in flight); a crashed
+    # worker's claims come back after it. Longer than any adapter timeout.
+    lease_seconds: float = 30.0
+    # A (source, messageId) seen within this window is not delivered again.
+    dedup_window_days: float = 7.0
+    outbox_retention_days: float = 7.0
+    delivered_retention_days: float = 7.0
+    dead_retention_days: float = 30.0
+    rejected_retention_days: float = 30.0
+    retention_interval_seconds: float = 3600.0
+    # SQLite only: wal_checkpoint(TRUNCATE) so the WAL cannot grow without bound.
+    checkpoint_interval_seconds: float = 60.0
+    reaper_interval_seconds: float = 5.0
+    # Set context.ip from the request's address when the message has none.
+    add_context_ip: bool = True
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    type: str
+    # The adapter's own settings: an instance of its Options dataclass.
+    options: Any
+    batch_size: int
+    # Names that the integrations object may use for it ("Mixpanel": false).
+    aliases: tuple[str, ...] = ()
+    # Filters: empty means every message type / every event name.
+    types: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    max_attempts: int = 10
+    retry_initial_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    max_age_seconds: float = 10800.0
+    # Deliveries claimed per round; the adapter receives them batch_size at a time.
+    claim_size: int = 100
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     name: str
     write_keys: tuple[str, ...]
@@ -70,7 +114,9 @@ class SourceConfig:
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     sources: tuple[SourceConfig, ...] = ()
+    destinations: tuple[DestinationConfig, ...] = ()
     log_level: str = "INFO"
 
     @property
@@ -79,7 +125,7 @@ class Config:
         return not self.sources
 
 
-SECTIONS: dict[str, type] = {"database": DatabaseConfig, "receiver": ReceiverConfig}
+SECTIONS: dict[str, type] = {"database": DatabaseConfig, "receiver": ReceiverConfig, "worker": WorkerConfig}
 _CHOICES = {
     ("database", "sqlite_synchronous"): {"FULL", "NORMAL", "EXTRA", "OFF"},
     ("receiver", "partial_success_status"): {200, 207},
@@ -93,6 +139,13 @@ def env_name(section: str, key: str) -> str:
 def _convert(where: str, raw: Any, hint: Any, from_env: bool) -> Any:
     """Coerce one value to the field's type, or raise ConfigError naming ``where``."""
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(raw, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+            raise ConfigError(f"{where}: expected a table of strings")
+        return dict(raw)
     if origin is tuple:
         if from_env and isinstance(raw, str):
             raw = [part.strip() for part in raw.split(",") if part.strip()]
@@ -127,24 +180,26 @@ def _convert(where: str, raw: Any, hint: Any, from_env: bool) -> Any:
 
 
 def _build_section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[str, str],
-                   overrides: Mapping[str, Any]) -> Any:
+                   overrides: Mapping[str, Any], label: str | None = None) -> Any:
+    label = label or f"[{name}]"
     if not isinstance(table, Mapping):
-        raise ConfigError(f"[{name}]: expected a table")
+        raise ConfigError(f"{label}: expected a table")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in table:
         if key not in known:
-            raise ConfigError(f"[{name}] {key}: unknown key (known: {', '.join(sorted(known))})")
+            extra = sorted(_COMMON_DESTINATION_KEYS) if label.startswith("[[destinations]]") else []
+            raise ConfigError(f"{label} {key}: unknown key (known: {', '.join(sorted(known | set(extra)))})")
     values: dict[str, Any] = {}
     for key in known:
-        where = f"[{name}] {key}"
+        where = f"{label} {key}"
+        # A bad value in the file fails even where the environment or a flag overrides it.
+        value = _convert(where, table[key], hints[key], False) if key in table else None
         if overrides.get(key) is not None:
             value = _convert(f"--{key.replace('_', '-')}", overrides[key], hints[key], True)
         elif env_name(name, key) in env:
             value = _convert(env_name(name, key), env[env_name(name, key)], hints[key], True)
-        elif key in table:
-            value = _convert(where, table[key], hints[key], False)
-        else:
+        elif key not in table:
             continue
         if isinstance(value, str) and (name, key) in _CHOICES:
             value = value.upper()
@@ -152,6 +207,9 @@ def _build_section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[
         if choices is not None and value not in choices:
             raise ConfigError(f"{where}: must be one of {sorted(choices)}, got {value!r}")
         values[key] = value
+    for f in dataclasses.fields(cls):
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{label} {f.name}: required")
     return cls(**values)
 
 
@@ -203,7 +261,7 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
             raise ConfigError(f"config file {path}: cannot be read ({exc})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: invalid TOML ({exc})") from None
-    allowed = set(SECTIONS) | {"sources", "log_level"}
+    allowed = set(SECTIONS) | {"sources", "destinations", "log_level"}
     for key in data:
         if key not in allowed:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(allowed))})")
@@ -215,9 +273,87 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
         or data.get("log_level", "INFO")
     if not isinstance(log_level, str) or log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    config = Config(sources=_build_sources(data.get("sources", [])), log_level=log_level.upper(), **sections)
+    destinations = _build_destinations(data.get("destinations", []))
+    sources = _build_sources(data.get("sources", []))
+    known = {d.name for d in destinations}
+    for source in sources:
+        for name in source.destinations or ():
+            if name not in known:
+                raise ConfigError(f"[[sources]] {source.name} destinations: no destination named {name!r} "
+                                  f"(configured: {', '.join(sorted(known)) or 'none'})")
+    config = Config(sources=sources, destinations=destinations, log_level=log_level.upper(), **sections)
     _check_limits(config.receiver)
     return config
+
+
+_COMMON_DESTINATION_KEYS = {f.name for f in dataclasses.fields(DestinationConfig)} - {"options"}
+
+
+def _build_destinations(raw: Any) -> tuple[DestinationConfig, ...]:
+    from pipeline.destinations.registry import UnknownDestinationType, destination_type
+
+    if not isinstance(raw, list):
+        raise ConfigError("[[destinations]]: expected an array of tables")
+    built: list[DestinationConfig] = []
+    for i, table in enumerate(raw):
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[[destinations]] #{i + 1}: expected a table")
+        name = table.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"[[destinations]] #{i + 1} name: required, a non-empty string")
+        where = f"[[destinations]] {name}"
+        if any(d.name == name for d in built):
+            raise ConfigError(f"{where} name: used twice")
+        kind = table.get("type")
+        if not isinstance(kind, str):
+            raise ConfigError(f"{where} type: required, the name of an installed destination type")
+        try:
+            cls = destination_type(kind)
+        except UnknownDestinationType as exc:
+            raise ConfigError(f"{where} type: {exc}") from None
+        common = {k: v for k, v in table.items() if k in _COMMON_DESTINATION_KEYS and k not in ("name", "type")}
+        own = {k: v for k, v in table.items() if k not in _COMMON_DESTINATION_KEYS}
+        options = _build_section(f"destinations.{name}", cls.Options, own, {}, {}, label=where)
+        common.setdefault("batch_size", cls.default_batch_size)
+        settings = dataclasses.asdict(_build_section(f"destinations.{name}", _DestinationSettings, common, {}, {},
+                                                     label=where))
+        if "claim_size" not in common:
+            settings["claim_size"] = max(100, settings["batch_size"])
+        built.append(DestinationConfig(name=name, type=kind, options=options, **settings))
+        _check_destination(built[-1], where)
+        try:
+            # Adapters check their own settings when built (a URL that is not http, a bad
+            # header): fail here, at start-up, not on every delivery.
+            cls(name, options, settings["batch_size"])
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return tuple(built)
+
+
+@dataclass(frozen=True)
+class _DestinationSettings:
+    batch_size: int = 100
+    aliases: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    max_attempts: int = 10
+    retry_initial_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    max_age_seconds: float = 10800.0
+    claim_size: int = 100
+
+
+def _check_destination(dest: DestinationConfig, where: str) -> None:
+    from pipeline.messages import MESSAGE_TYPES
+
+    for key in ("batch_size", "max_attempts", "claim_size"):
+        if getattr(dest, key) < 1:
+            raise ConfigError(f"{where} {key}: must be at least 1")
+    for kind in dest.types:
+        if kind not in MESSAGE_TYPES:
+            raise ConfigError(f"{where} types: {kind!r} is not one of {', '.join(MESSAGE_TYPES)}")
+    if dest.claim_size < dest.batch_size:
+        raise ConfigError(f"{where} claim_size: must be at least batch_size")
 
 
 def _check_limits(receiver: ReceiverConfig) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, MetaData, SmallInteger, String, Table, Text
+from sqlalchemy import (BigInteger, Column, ForeignKey, Index, Integer, LargeBinary, MetaData, SmallInteger, String,
+                        Table, Text, UniqueConstraint)
 
 # Naming convention so that constraint names are the same on SQLite and Postgres and Alembic
 # batch mode can find them again.
@@ -60,4 +61,50 @@ rejected = Table(
     Column("raw", LargeBinary, nullable=True),
     Column("remote_addr", Text, nullable=True),
     Index("ix_rejected_received_at_ms", "received_at_ms"),
+)
+
+# One row per accepted message, normalised. (source, message_id) is unique: a resent message
+# is not accepted twice while its event is kept (the deduplication window).
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("source", Text, nullable=False),
+    Column("message_id", String(100), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("event_name", Text, nullable=True),
+    # The outbox row it came from; not a foreign key, since raw requests are kept for less time.
+    Column("outbox_id", BigInteger, nullable=True),
+    Column("received_at_ms", BigInteger, nullable=False),
+    # The normalised event as delivered downstream (JSON bytes).
+    Column("payload", LargeBinary, nullable=False),
+    UniqueConstraint("source", "message_id", name="uq_events_source_message_id"),
+    Index("ix_events_received_at_ms", "received_at_ms"),
+)
+
+# One row per (event, destination). A claim leases the row: it sets locked_until_ms and moves
+# next_attempt_at_ms to the same instant, so a crashed worker's claims are simply due again when
+# the lease runs out, and a claim is one index range scan however large the backlog.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("event_id", BigInteger().with_variant(Integer(), "sqlite"),
+           ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    Column("destination", Text, nullable=False),
+    # pending (waiting, in flight or retrying) -> delivered | dead
+    Column("state", String(16), nullable=False),
+    # Attempts started, counted at claim time so that a worker that dies mid-delivery still
+    # uses one up.
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("next_attempt_at_ms", BigInteger, nullable=False),
+    Column("locked_until_ms", BigInteger, nullable=True),
+    Column("locked_by", String(64), nullable=True),
+    Column("last_attempt_at_ms", BigInteger, nullable=True),
+    Column("finished_at_ms", BigInteger, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Index("ix_deliveries_claim", "destination", "state", "next_attempt_at_ms"),
+    Index("ix_deliveries_event_id", "event_id"),
+    Index("ix_deliveries_state_finished_at_ms", "state", "finished_at_ms"),
 )

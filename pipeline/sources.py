@@ -32,10 +32,11 @@ class SourceRegistry:
 
     def __init__(self, sources: Sequence[SourceConfig]) -> None:
         self._keys = [(key.encode("utf-8"), source.name) for source in sources for key in source.write_keys]
+        self._open = not sources
 
     @property
     def open_mode(self) -> bool:
-        return not self._keys
+        return self._open
 
     def source_for(self, key: str | None) -> str | None:
         """The source name for ``key``; None when closed mode does not know it."""

@@ -43,6 +43,7 @@ class BodyReader:
         self._inflater: zlib._Decompress | None = zlib.decompressobj(31) if self._gzip else None
         self._limit = limit
         self._chunks: list[bytes] = []
+        self._deflate_head = b""  # deflate's first byte, until a second tells zlib from raw
         self._size = 0
         self.received = 0
         self.too_large = False
@@ -53,6 +54,10 @@ class BodyReader:
         if self.too_large or self._error is not None:
             return  # discarding: we only count what is still arriving
         if self._deflate and self._inflater is None:
+            chunk, self._deflate_head = self._deflate_head + chunk, b""
+            if len(chunk) < 2:
+                self._deflate_head = chunk
+                return
             self._inflater = zlib.decompressobj(_deflate_wbits(chunk))
         try:
             self._inflate(chunk) if self._inflater is not None else self._keep(chunk)
@@ -93,7 +98,8 @@ class BodyReader:
     def finish(self) -> bytes:
         if self.too_large:
             raise BodyError(TOO_LARGE)
-        if self._error is None and self._inflater is not None and self.received and not self._inflater.eof:
+        unfinished = self._deflate_head or (self._inflater is not None and self.received and not self._inflater.eof)
+        if self._error is None and unfinished:
             self._fail(Problem("invalid_encoding", "Error reading request body",
                                "the compressed body ends before its end marker"))
         if self._error is not None:

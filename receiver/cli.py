@@ -1,4 +1,4 @@
-"""The ``trackrelay`` command: run, serve, migrate.
+"""The ``trackrelay`` command: run, serve, worker, migrate, status, replay.
 
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
@@ -14,10 +14,13 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import Config, ConfigError, load_config, settings_help
+from pipeline.messages import MESSAGE_TYPES
 from pipeline.logs import configure_logging
 from pipeline.migrate import upgrade
 from pipeline.store import Store
-from receiver.server import DatabaseBehind, serve
+from pipeline.worker import run_worker
+from receiver.operator import replay_command, status_command
+from receiver.server import DatabaseBehind, check_database, serve
 
 log = logging.getLogger("trackrelay.cli")
 
@@ -47,8 +50,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="single-box mode: migrate the database, then receive (and deliver) events")
     sub.add_parser("serve", parents=[common, server], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                    help="the receiver alone; refuses a database that is not migrated")
+    sub.add_parser("worker", parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                   help="the pipeline worker alone: decode the outbox and deliver to destinations")
     sub.add_parser("migrate", parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                    help="upgrade the database schema to the latest revision")
+    status = sub.add_parser("status", parents=[common], help="per destination: pending, in flight, retrying, "
+                            "dead, delivered in the last hour; rejected counts")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    replay = sub.add_parser("replay", parents=[common], help="deliver dead (or other) deliveries again, or "
+                            "re-decode stored raw requests for a destination",
+                            description="Times (--since/--until) are ISO-8601 or durations back from now: 90m, 2h, 3d.")
+    replay.add_argument("--destination", required=True, metavar="NAME")
+    replay.add_argument("--state", choices=["dead", "delivered", "pending"], default="dead",
+                        help="which deliveries to put back to pending (default dead)")
+    replay.add_argument("--since", metavar="T")
+    replay.add_argument("--until", metavar="T")
+    replay.add_argument("--type", choices=list(MESSAGE_TYPES), metavar="TYPE", help="only this message type")
+    replay.add_argument("--from-outbox", action="store_true",
+                        help="re-decode raw requests received since --since and deliver them to the destination")
+    replay.add_argument("--dry-run", action="store_true", help="count, change nothing")
     return parser
 
 
@@ -78,7 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store.dispose()
             log.info("event=migrated")
             return 0
-        return serve(config, migrate=args.command == "run")
+        if args.command in ("status", "replay"):
+            check_database(config)
+            return status_command(config, args) if args.command == "status" else replay_command(config, args)
+        if args.command == "worker":
+            check_database(config)
+            return run_worker(config)
+        return serve(config, migrate=args.command == "run", with_worker=args.command == "run")
     except DatabaseBehind as exc:
         print(f"trackrelay: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from tornado.web import RequestHandler, stream_request_body
 
-from pipeline.envelope import BATCH, SINGLE, Refused, judge, open_envelope
+from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Refused, judge, open_envelope
 from pipeline.messages import Problem
 from pipeline.store import StoreUnavailable, now_ms
 from receiver.answers import STORE_UNAVAILABLE, SUCCESS, batch_error, batch_verdicts, single_error
@@ -202,8 +202,8 @@ class IngestHandler(RecordingHandler):
             return await self.refuse(exc.problem, None)
         receiver = self.ctx.config.receiver
         auth_key = basic_auth_username(self.request.headers.get("Authorization"))
-        # An empty ?writeKey= overrides nothing.
-        override_key = (self.get_query_argument("writeKey", None) or None) if self.kind != SINGLE else None
+        # Only webhooks take ?writeKey= (the spec: it overwrites the incoming data); empty is none.
+        override_key = (self.get_query_argument("writeKey", None) or None) if self.kind == WEBHOOK else None
         try:
             envelope = open_envelope(body, self.kind)
         except Refused as exc:

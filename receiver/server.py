@@ -15,6 +15,7 @@ from pipeline.migrate import current_revision, head_revision, upgrade
 from pipeline.store import Store
 from receiver.app import make_app
 from receiver.context import ReceiverContext
+from pipeline.worker import run_worker
 from receiver.processes import supervise
 
 log = logging.getLogger("trackrelay.server")
@@ -28,11 +29,19 @@ class DatabaseBehind(Exception):
 
 def prepare_database(config: Config, migrate: bool) -> None:
     """Migrate (single-box mode) or refuse a database that is behind (``serve``)."""
+    if not migrate:
+        return check_database(config)
     store = Store.open(config.database)
     try:
-        if migrate:
-            upgrade(store.engine)
-            return
+        upgrade(store.engine)
+    finally:
+        store.dispose()  # no connection may cross a fork
+
+
+def check_database(config: Config) -> None:
+    """Raise DatabaseBehind unless the schema is at this code's head revision."""
+    store = Store.open(config.database)
+    try:
         current, head = current_revision(store.engine), head_revision()
         if current != head:
             raise DatabaseBehind(f"the database is at revision {current or 'none'}, this trackrelay needs "
@@ -41,16 +50,26 @@ def prepare_database(config: Config, migrate: bool) -> None:
         store.dispose()  # no connection may cross a fork
 
 
-def serve(config: Config, migrate: bool = False) -> int:
-    """Run the receiver in the foreground until SIGINT/SIGTERM; return the exit status."""
+def serve(config: Config, migrate: bool = False, with_worker: bool = False) -> int:
+    """Run the receiver (and, in single-box mode, the worker in its own process, so delivery
+    never stalls the receiver's event loop) in the foreground until SIGINT/SIGTERM."""
     prepare_database(config, migrate)
     receiver = config.receiver
     sockets = bind_sockets(receiver.port, receiver.host)
-    log.info("event=listening host=%s port=%d processes=%d database=%s", receiver.host,
-             receiver.port, receiver.processes, config.database.url.split("://")[0])
-    if receiver.processes == 1:
+    log.info("event=listening host=%s port=%d processes=%d worker=%s database=%s", receiver.host,
+             receiver.port, receiver.processes, with_worker, config.database.url.split("://")[0])
+    if receiver.processes == 1 and not with_worker:
         return run_receiver(config, sockets)
-    return supervise([lambda: run_receiver(config, sockets)] * receiver.processes)
+    targets = [lambda: run_receiver(config, sockets)] * receiver.processes
+    if with_worker:
+        targets.append(lambda: _worker_process(config, sockets))
+    return supervise(targets)
+
+
+def _worker_process(config: Config, sockets: list[socket]) -> int:
+    for sock in sockets:
+        sock.close()  # the worker does not serve HTTP
+    return run_worker(config)
 
 
 def run_receiver(config: Config, sockets: list[socket]) -> int:

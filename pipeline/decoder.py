@@ -1,0 +1,131 @@
+"""Decoding the outbox: raw requests become deduplicated events and their deliveries.
+
+One transaction per group of rows: claim pending outbox rows (``FOR UPDATE SKIP LOCKED`` on
+Postgres, so several workers share the work; SQLite's ``BEGIN IMMEDIATE`` serialises), insert
+their events (a (source, messageId) already stored is a duplicate and is skipped), insert one
+delivery per routed destination, record refused messages, and mark the rows done. Either all
+of that commits or none of it does, so a crash never loses or doubles a row's events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from pipeline.config import Config
+from pipeline.normalise import DecodedEvent, Expansion, StoredRequest, expand
+from pipeline.routing import Router
+from pipeline.schema import deliveries, events, outbox, rejected
+from pipeline.sources import SourceRegistry
+from pipeline.store import Store, now_ms
+
+log = logging.getLogger("trackrelay.decoder")
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    rows: int
+    events: int
+    duplicates: int
+    deliveries: int
+    refused: int
+
+
+class Decoder:
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+        self.sources = SourceRegistry(config.sources)
+        self.router = Router(config.destinations, config.sources)
+
+    def expand(self, request: StoredRequest) -> Expansion:
+        return expand(request, self.sources, max_message_bytes=self.config.receiver.max_message_bytes,
+                      add_context_ip=self.config.worker.add_context_ip)
+
+    def decode_pending(self, limit: int | None = None) -> DecodeResult:
+        """Decode up to ``limit`` pending outbox rows in one transaction (blocking)."""
+        limit = limit or self.config.worker.decode_batch_rows
+        with self.store.engine.begin() as conn:
+            query = (select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body,
+                            outbox.c.remote_addr, outbox.c.auth_key, outbox.c.override_key)
+                     .where(outbox.c.state == "pending").order_by(outbox.c.id).limit(limit)
+                     .with_for_update(skip_locked=True))
+            requests = [StoredRequest(**row._mapping) for row in conn.execute(query)]
+            if not requests:
+                return DecodeResult(0, 0, 0, 0, 0)
+            result = self._store_expansions(conn, requests, only_destination=None)
+            conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in requests])).values(state="done"))
+        return result
+
+    def replay_requests(self, requests: Sequence[StoredRequest], destination: str) -> DecodeResult:
+        """Deliver these stored requests to ``destination`` again, duplicates included."""
+        with self.store.engine.begin() as conn:
+            return self._store_expansions(conn, requests, only_destination=destination)
+
+    def _store_expansions(self, conn: Connection, requests: Sequence[StoredRequest],
+                          only_destination: str | None) -> DecodeResult:
+        now = now_ms()
+        decoded: list[tuple[StoredRequest, DecodedEvent]] = []
+        refused_rows: list[dict[str, Any]] = []
+        for request in requests:
+            expansion = self.expand(request)
+            decoded += [(request, event) for event in expansion.events]
+            if only_destination is None:
+                refused_rows += [self._refused_row(request, item) for item in expansion.refused]
+        ids = self._insert_events(conn, decoded)
+        if only_destination is not None:
+            # An explicit replay is not stopped by deduplication: find the stored event.
+            ids.update(self._existing_ids(conn, [e for _, e in decoded if (e.source, e.message_id) not in ids]))
+        planned = []
+        seen: set[int] = set()
+        for _, event in decoded:
+            event_id = ids.get((event.source, event.message_id))
+            if event_id is None or event_id in seen:
+                continue  # a duplicate (resent message, or twice in one batch)
+            seen.add(event_id)
+            for name in self.router.destinations_for(event.source, event.payload):
+                if only_destination is None or name == only_destination:
+                    planned.append({"event_id": event_id, "destination": name, "state": "pending",
+                                    "attempts": 0, "created_at_ms": now, "next_attempt_at_ms": now})
+        if planned:
+            conn.execute(deliveries.insert(), planned)
+        if refused_rows:
+            conn.execute(rejected.insert(), refused_rows)
+        return DecodeResult(len(requests), len(seen), len(decoded) - len(seen), len(planned), len(refused_rows))
+
+    def _insert_events(self, conn: Connection, decoded: list[tuple[StoredRequest, DecodedEvent]]
+                       ) -> dict[tuple[str, str], int]:
+        if not decoded:
+            return {}
+        rows = [{"source": e.source, "message_id": e.message_id, "type": e.type, "event_name": e.event_name,
+                 "outbox_id": r.id, "received_at_ms": r.received_at_ms, "payload": orjson.dumps(e.payload)}
+                for r, e in decoded]
+        insert = (postgresql.insert if self.store.backend == "postgresql" else sqlite.insert)(events)
+        statement = insert.on_conflict_do_nothing(index_elements=["source", "message_id"]).returning(
+            events.c.id, events.c.source, events.c.message_id)
+        return {(row.source, row.message_id): row.id for row in conn.execute(statement, rows)}
+
+    def _existing_ids(self, conn: Connection, wanted: Iterable[DecodedEvent]) -> dict[tuple[str, str], int]:
+        keys = list({(e.source, e.message_id) for e in wanted})
+        found: dict[tuple[str, str], int] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            query = select(events.c.id, events.c.source, events.c.message_id).where(
+                tuple_(events.c.source, events.c.message_id).in_(chunk))
+            found.update({(row.source, row.message_id): row.id for row in conn.execute(query)})
+        return found
+
+    def _refused_row(self, request: StoredRequest, item: Any) -> dict[str, Any]:
+        problem = item.problem
+        reason = f"{problem.message}: {problem.details}" if problem.details else problem.message
+        if item.index is not None:
+            reason = f"batch item {item.index}: {reason}"
+        return {"received_at_ms": request.received_at_ms, "route": request.route, "source": None,
+                "status": problem.status, "code": problem.code, "reason": reason,
+                "raw": item.raw[: self.config.receiver.rejected_raw_bytes], "remote_addr": request.remote_addr}

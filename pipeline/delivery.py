@@ -1,0 +1,92 @@
+"""Delivering one destination's due events: claim, call the adapter under a renewed lease,
+decide each outcome with the retry policy, record them all in one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from pipeline.config import DestinationConfig
+from pipeline.destinations.base import Destination, Event, Outcome, retry
+from pipeline.queue import Claimed, DeliveryQueue
+from pipeline.retry import DEAD, BackoffPolicy
+from pipeline.store import now_ms
+
+log = logging.getLogger("trackrelay.delivery")
+
+
+class DestinationRunner:
+    def __init__(self, config: DestinationConfig, adapter: Destination, queue: DeliveryQueue,
+                 lease_seconds: float) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.queue = queue
+        self.policy = BackoffPolicy.for_destination(config)
+        self.lease_ms = int(lease_seconds * 1000)
+
+    async def drain(self, stopping: Callable[[], bool]) -> int:
+        """Deliver due events until none is left (or the worker stops); return how many were tried."""
+        tried = 0
+        while not stopping():
+            claimed = await asyncio.to_thread(self.queue.claim, self.config.name, self.config.claim_size,
+                                              self.lease_ms)
+            if not claimed:
+                break
+            outcomes = await self._deliver_under_lease(claimed)
+            now = now_ms()
+            decisions = [(c.id, self.policy.decide(o, c.attempts, c.created_at_ms, now))
+                         for c, o in zip(claimed, outcomes)]
+            await asyncio.to_thread(self.queue.record, decisions)
+            dead = [(c, d) for c, (_, d) in zip(claimed, decisions) if d.state == DEAD]
+            for item, decision in dead[:5]:
+                log.warning("event=delivery_dead destination=%s message_id=%s attempts=%d error=%r",
+                            self.config.name, item.event.get("messageId"), item.attempts, (decision.error or "")[:200])
+            tried += len(claimed)
+        return tried
+
+    async def _deliver_under_lease(self, claimed: Sequence[Claimed]) -> list[Outcome]:
+        """Call the adapter while renewing the lease, so a slow destination never causes a
+        second delivery by another worker."""
+        ids = [c.id for c in claimed]
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.lease_ms / 3000)
+                await asyncio.to_thread(self.queue.renew, ids, self.lease_ms)
+
+        renewer = asyncio.create_task(renew())
+        try:
+            return await deliver_in_batches(self.adapter, [c.event for c in claimed], self.config.batch_size)
+        finally:
+            renewer.cancel()
+            try:
+                await renewer
+            except (asyncio.CancelledError, Exception):  # a failed renewal only shortens the lease
+                pass
+
+
+async def deliver_in_batches(adapter: Destination, events: Sequence[Event], batch_size: int) -> list[Outcome]:
+    chunks = [list(events[i:i + batch_size]) for i in range(0, len(events), batch_size)]
+    results = await asyncio.gather(*(deliver_isolating(adapter, chunk) for chunk in chunks))
+    return [outcome for result in results for outcome in result]
+
+
+async def deliver_isolating(adapter: Destination, chunk: list[Event]) -> list[Outcome]:
+    """One adapter call; when it rejects a whole batch for one reason, split it until the bad
+    event is alone, so one poison event never takes its neighbours down with it."""
+    try:
+        outcomes = list(await adapter.deliver(chunk))
+    except Exception as exc:  # an adapter bug or an unexpected error: try again later
+        log.exception("event=adapter_error destination=%s", adapter.name)
+        return [retry(f"{type(exc).__name__}: {exc}")] * len(chunk)
+    if len(outcomes) != len(chunk):
+        reason = f"adapter returned {len(outcomes)} outcomes for {len(chunk)} events"
+        log.error("event=adapter_error destination=%s error=%r", adapter.name, reason)
+        return [retry(reason)] * len(chunk)
+    if len(chunk) > 1 and all(o.kind == "rejected" for o in outcomes) and len({o.reason for o in outcomes}) == 1:
+        middle = len(chunk) // 2
+        left, right = await asyncio.gather(deliver_isolating(adapter, chunk[:middle]),
+                                           deliver_isolating(adapter, chunk[middle:]))
+        return left + right
+    return outcomes

@@ -1,0 +1,79 @@
+"""The destination adapter contract: deliver a batch of events, answer for each one.
+
+An adapter is a small class. ``deliver(events)`` receives normalised events (dicts, the JSON
+delivered downstream) and returns one :class:`Outcome` per event, in order:
+
+- ``DELIVERED``: the destination has it; never offered again.
+- ``retry(reason, after=None)``: a temporary failure; offered again after the backoff (or
+  after ``after`` seconds when the destination said so, e.g. ``Retry-After``).
+- ``rejected(reason)``: the destination refused it for good; it is dead at once.
+
+An exception from ``deliver`` counts as ``retry`` for every event of the batch. ``start()``
+runs once before the first delivery and ``close()`` once at shutdown; ``check()`` is an
+optional health check that returns None when healthy, or a description of the problem.
+Adapters are found through the ``trackrelay.destinations`` entry point group; built-ins are
+registered the same way as third-party packages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # "delivered" | "retry" | "rejected"
+    reason: str = ""
+    retry_after: float | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.kind == "delivered"
+
+
+DELIVERED = Outcome("delivered")
+
+
+def retry(reason: str, after: float | None = None) -> Outcome:
+    return Outcome("retry", reason, after)
+
+
+def rejected(reason: str) -> Outcome:
+    return Outcome("rejected", reason)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """For adapters that take no settings of their own."""
+
+
+class Destination:
+    """Base class of every adapter. Subclasses set ``Options`` (a frozen dataclass of their
+    own settings, validated at start-up like the rest of the configuration) and implement
+    ``deliver``."""
+
+    Options: ClassVar[type] = NoOptions
+    # How many events one deliver() call receives unless the destination's config says otherwise.
+    default_batch_size: ClassVar[int] = 100
+
+    def __init__(self, name: str, options: Any, batch_size: int) -> None:
+        self.name = name
+        self.options = options
+        self.batch_size = batch_size
+
+    async def start(self) -> None:
+        """Open connections, files, pools. Called once before the first ``deliver``."""
+
+    async def deliver(self, events: Sequence[Event]) -> list[Outcome]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what ``start`` opened. Called once; ``deliver`` is not called after it."""
+
+    async def check(self) -> str | None:
+        """None when the destination looks healthy, else a short description of the problem."""
+        return None

@@ -1,0 +1,122 @@
+"""The ``webhook`` destination: POST events as JSON to a URL over pooled keep-alive connections.
+
+``batch_size = 1`` sends each event as the request body; a larger ``batch_size`` sends
+``{"batch": [...]}`` (the Segment batch shape) per chunk. At most ``concurrency`` requests are
+in flight at once, however many chunks a ``deliver`` call holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import httpx
+import orjson
+
+from pipeline.destinations.base import Destination, Event, Outcome, rejected
+from pipeline.destinations.http import outcome_for_exception, outcome_for_status
+
+
+# What an HTTP/1.1 header can carry (RFC 9110 token; visible ASCII and spaces). Refused at
+# start-up: sent, they would fail every request, retried until the events are dead.
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout_seconds: float = 10.0
+    concurrency: int = 8
+
+
+def user_agent() -> str:
+    try:
+        return f"trackrelay/{version('trackrelay')}"
+    except PackageNotFoundError:
+        return "trackrelay"
+
+
+class WebhookDestination(Destination):
+    """POSTs each chunk of ``batch_size`` events; one outcome per chunk, from the HTTP answer.
+
+    Other HTTP adapters subclass it and change what a chunk's request looks like
+    (:meth:`endpoint`, :meth:`client_headers`, :meth:`encode`) and how its answer is read
+    (:meth:`outcomes`); the pool, the concurrency limit and the failure handling stay here.
+    """
+
+    Options = WebhookOptions
+    default_batch_size = 1
+
+    def __init__(self, name: str, options: WebhookOptions, batch_size: int) -> None:
+        super().__init__(name, options, batch_size)
+        if batch_size < 1 or options.concurrency < 1 or options.timeout_seconds <= 0:
+            raise ValueError(f"destination {name!r}: batch_size and concurrency must be at least 1 "
+                             "and timeout_seconds above 0")
+        try:
+            url = httpx.URL(self.endpoint())
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"destination {name!r}: invalid url {options.url!r} ({exc})") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"destination {name!r}: url must be an http:// or https:// URL, got {options.url!r}")
+        for header, value in self.client_headers().items():
+            if not HEADER_NAME.fullmatch(header) or not HEADER_VALUE.fullmatch(value):
+                raise ValueError(f"destination {name!r}: header {header!r} must be a token with a "
+                                 "printable ASCII value")
+        self._client: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    def endpoint(self) -> str:
+        return self.options.url
+
+    def client_headers(self) -> dict[str, str]:
+        """Headers sent with every request, over the defaults (Content-Type, User-Agent)."""
+        return dict(self.options.headers)
+
+    async def encode(self, chunk: Sequence[Event]) -> tuple[bytes, dict[str, str]]:
+        """The body of one chunk's request, and headers of its own."""
+        body = chunk[0] if self.batch_size == 1 else {"batch": list(chunk)}
+        return orjson.dumps(body), {}
+
+    def outcomes(self, chunk: Sequence[Event], response: httpx.Response) -> list[Outcome]:
+        """One outcome per event of ``chunk`` from the answer to its request."""
+        outcome = outcome_for_status(response.status_code, response.headers, response.text)
+        return [outcome] * len(chunk)
+
+    async def start(self) -> None:
+        concurrency = self.options.concurrency
+        headers = httpx.Headers({"Content-Type": "application/json", "User-Agent": user_agent()})
+        headers.update(self.client_headers())
+        self._client = httpx.AsyncClient(
+            headers=headers, timeout=httpx.Timeout(self.options.timeout_seconds),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def deliver(self, events: Sequence[Event]) -> list[Outcome]:
+        size = self.batch_size
+        chunks = [events[i:i + size] for i in range(0, len(events), size)]
+        answers = await asyncio.gather(*(self._send(chunk) for chunk in chunks))
+        return [outcome for answer in answers for outcome in answer]
+
+    async def _send(self, chunk: Sequence[Event]) -> list[Outcome]:
+        if self._client is None or self._slots is None:
+            raise RuntimeError(f"destination {self.name!r} is not started")
+        try:
+            content, headers = await self.encode(chunk)
+        except TypeError as exc:  # orjson.JSONEncodeError: not JSON, and never will be
+            return [rejected(f"cannot encode as JSON: {exc}")] * len(chunk)
+        async with self._slots:
+            try:
+                response = await self._client.post(self.endpoint(), content=content, headers=headers)
+            except httpx.RequestError as exc:
+                return [outcome_for_exception(exc)] * len(chunk)
+        return self.outcomes(chunk, response)

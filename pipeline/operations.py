@@ -1,0 +1,132 @@
+"""What an operator asks of the pipeline: status counts and replays."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import and_, case, func, select, update
+
+from pipeline.config import Config
+from pipeline.decoder import Decoder
+from pipeline.messages import parse_timestamp
+from pipeline.normalise import StoredRequest
+from pipeline.schema import deliveries, events, outbox, rejected
+from pipeline.store import Store, now_ms
+
+HOUR_MS = 3_600_000
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_moment(text: str, now: datetime | None = None) -> int:
+    """An ISO-8601 time, or a duration back from now (``90m``, ``2h``, ``3d``), as epoch ms."""
+    now = now or datetime.now(timezone.utc)
+    match = _DURATION.match(text.strip())
+    if match:
+        moment = now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    else:
+        try:
+            moment = parse_timestamp(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is neither an ISO-8601 time nor a duration like 90m, 2h, 3d") from None
+    return int(moment.timestamp() * 1000)
+
+
+@dataclass
+class DestinationStatus:
+    pending: int = 0
+    in_flight: int = 0
+    retrying: int = 0
+    dead: int = 0
+    delivered_last_hour: int = 0
+    oldest_pending_age_seconds: float | None = None
+
+
+@dataclass
+class Status:
+    destinations: dict[str, DestinationStatus] = field(default_factory=dict)
+    outbox_pending: int = 0
+    rejected_total: int = 0
+    rejected_last_hour: int = 0
+
+
+def status(store: Store, config: Config) -> Status:
+    now = now_ms()
+    result = Status(destinations={d.name: DestinationStatus() for d in config.destinations})
+    leased = and_(deliveries.c.locked_until_ms.is_not(None), deliveries.c.locked_until_ms > now)
+    query = (select(deliveries.c.destination,
+                    func.sum(case((and_(deliveries.c.state == "pending", ~leased, deliveries.c.attempts == 0), 1),
+                                  else_=0)),
+                    func.sum(case((and_(deliveries.c.state == "pending", leased), 1), else_=0)),
+                    func.sum(case((and_(deliveries.c.state == "pending", ~leased, deliveries.c.attempts > 0), 1),
+                                  else_=0)),
+                    func.sum(case((deliveries.c.state == "dead", 1), else_=0)),
+                    func.min(case((deliveries.c.state == "pending", deliveries.c.created_at_ms), else_=None)))
+             .where(deliveries.c.state.in_(["pending", "dead"]))
+             .group_by(deliveries.c.destination))
+    delivered = (select(deliveries.c.destination, func.count())
+                 .where(deliveries.c.state == "delivered", deliveries.c.finished_at_ms >= now - HOUR_MS)
+                 .group_by(deliveries.c.destination))
+    with store.engine.connect().execution_options(readonly=True) as conn:
+        for name, pending, in_flight, retrying, dead, oldest in conn.execute(query):
+            entry = result.destinations.setdefault(name, DestinationStatus())
+            entry.pending, entry.in_flight, entry.retrying = int(pending or 0), int(in_flight or 0), int(retrying or 0)
+            entry.dead = int(dead or 0)
+            entry.oldest_pending_age_seconds = (now - oldest) / 1000 if oldest is not None else None
+        for name, count in conn.execute(delivered):
+            result.destinations.setdefault(name, DestinationStatus()).delivered_last_hour = count
+        result.outbox_pending = conn.execute(
+            select(func.count()).select_from(outbox).where(outbox.c.state == "pending")).scalar_one()
+        result.rejected_total, result.rejected_last_hour = conn.execute(select(
+            func.count(), func.coalesce(func.sum(case((rejected.c.received_at_ms >= now - HOUR_MS, 1), else_=0)), 0)
+        ).select_from(rejected)).one()
+    return result
+
+
+def replay_deliveries(store: Store, destination: str, state: str = "dead", since_ms: int | None = None,
+                      until_ms: int | None = None, message_type: str | None = None, dry_run: bool = False) -> int:
+    """Put matching deliveries back to pending with fresh attempts; return how many."""
+    conditions = [deliveries.c.destination == destination, deliveries.c.state == state]
+    event_conditions = []
+    if since_ms is not None:
+        event_conditions.append(events.c.received_at_ms >= since_ms)
+    if until_ms is not None:
+        event_conditions.append(events.c.received_at_ms < until_ms)
+    if message_type is not None:
+        event_conditions.append(events.c.type == message_type)
+    if event_conditions:
+        conditions.append(deliveries.c.event_id.in_(select(events.c.id).where(*event_conditions)))
+    with store.engine.begin() as conn:
+        if dry_run:
+            return conn.execute(select(func.count()).select_from(deliveries).where(*conditions)).scalar_one()
+        now = now_ms()
+        return conn.execute(update(deliveries).where(*conditions).values(
+            state="pending", attempts=0, created_at_ms=now, next_attempt_at_ms=now, locked_until_ms=None,
+            locked_by=None, finished_at_ms=None)).rowcount
+
+
+def replay_outbox(store: Store, config: Config, destination: str, since_ms: int, until_ms: int | None = None,
+                  dry_run: bool = False, rows_per_transaction: int = 100) -> int:
+    """Decode stored raw requests again and deliver their events to ``destination`` (a
+    backfill); deduplication does not stop it. Returns the number of deliveries planned."""
+    decoder = Decoder(store, config)
+    planned, after_id = 0, 0
+    while True:
+        query = (select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body, outbox.c.remote_addr,
+                        outbox.c.auth_key, outbox.c.override_key)
+                 .where(outbox.c.id > after_id, outbox.c.received_at_ms >= since_ms)
+                 .order_by(outbox.c.id).limit(rows_per_transaction))
+        if until_ms is not None:
+            query = query.where(outbox.c.received_at_ms < until_ms)
+        with store.engine.connect().execution_options(readonly=True) as conn:
+            requests = [StoredRequest(**row._mapping) for row in conn.execute(query)]
+        if not requests:
+            return planned
+        after_id = requests[-1].id
+        if dry_run:
+            planned += sum(1 for r in requests for e in decoder.expand(r).events
+                           if destination in decoder.router.destinations_for(e.source, e.payload))
+        else:
+            planned += decoder.replay_requests(requests, destination).deliveries

@@ -1,0 +1,107 @@
+"""The delivery queue: claim due deliveries with a lease, renew it, record outcomes.
+
+Contract (every call is blocking and runs its own short transaction):
+- ``claim(destination, limit, lease_ms)`` leases up to ``limit`` due deliveries to this worker:
+  their ``attempts`` go up by one, ``locked_until_ms`` and ``next_attempt_at_ms`` move to the
+  end of the lease. Nobody else can claim them until the lease runs out. On Postgres several
+  workers claim concurrently (``FOR UPDATE SKIP LOCKED``).
+- ``renew(ids, lease_ms)`` extends this worker's leases; leases it no longer holds are ignored.
+- ``record(decisions)`` stores outcomes in one transaction, only for rows this worker still
+  holds, so a worker that lost a lease cannot overwrite its new holder's result.
+- ``take_back_leases()`` makes every leased delivery due now: only safe when no other worker
+  can be running (SQLite, at start-up).
+- ``release_expired()`` clears leases that ran out (the lease reaper); repeating it is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, bindparam, select, update
+
+from pipeline.retry import DEAD, DELIVERED, Decision
+from pipeline.schema import deliveries, events
+from pipeline.store import Store, now_ms
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    attempts: int
+    created_at_ms: int
+    event: dict[str, Any]
+
+
+class DeliveryQueue:
+    def __init__(self, store: Store, owner: str | None = None) -> None:
+        self.store = store
+        self.owner = owner or worker_id()
+
+    def claim(self, destination: str, limit: int, lease_ms: int) -> list[Claimed]:
+        now = now_ms()
+        until = now + lease_ms
+        with self.store.engine.begin() as conn:
+            query = (select(deliveries.c.id, deliveries.c.attempts, deliveries.c.created_at_ms, events.c.payload)
+                     .join(events, events.c.id == deliveries.c.event_id)
+                     .where(deliveries.c.destination == destination, deliveries.c.state == "pending",
+                            deliveries.c.next_attempt_at_ms <= now)
+                     .order_by(deliveries.c.next_attempt_at_ms, deliveries.c.id).limit(limit)
+                     .with_for_update(skip_locked=True, of=deliveries))
+            rows = conn.execute(query).all()
+            if not rows:
+                return []
+            conn.execute(update(deliveries).where(deliveries.c.id.in_([r.id for r in rows])).values(
+                attempts=deliveries.c.attempts + 1, locked_until_ms=until, next_attempt_at_ms=until,
+                locked_by=self.owner, last_attempt_at_ms=now))
+        return [Claimed(r.id, r.attempts + 1, r.created_at_ms, orjson.loads(r.payload)) for r in rows]
+
+    def renew(self, ids: Sequence[int], lease_ms: int) -> int:
+        if not ids:
+            return 0
+        until = now_ms() + lease_ms
+        with self.store.engine.begin() as conn:
+            result = conn.execute(update(deliveries).where(
+                deliveries.c.id.in_(list(ids)), deliveries.c.locked_by == self.owner,
+                deliveries.c.state == "pending").values(locked_until_ms=until, next_attempt_at_ms=until))
+            return result.rowcount
+
+    def record(self, decisions: Sequence[tuple[int, Decision]]) -> None:
+        if not decisions:
+            return
+        now = now_ms()
+        delivered = [i for i, d in decisions if d.state == DELIVERED]
+        others = [{"b_id": i, "b_state": d.state, "b_next": d.next_attempt_at_ms or now, "b_error": d.error,
+                   "b_finished": now if d.state == DEAD else None}
+                  for i, d in decisions if d.state != DELIVERED]
+        mine = and_(deliveries.c.locked_by == self.owner, deliveries.c.state == "pending")
+        with self.store.engine.begin() as conn:
+            if delivered:
+                conn.execute(update(deliveries).where(deliveries.c.id.in_(delivered), mine).values(
+                    state=DELIVERED, finished_at_ms=now, locked_until_ms=None, locked_by=None, last_error=None))
+            if others:
+                conn.execute(update(deliveries).where(deliveries.c.id == bindparam("b_id"), mine).values(
+                    state=bindparam("b_state"), next_attempt_at_ms=bindparam("b_next"),
+                    last_error=bindparam("b_error"), finished_at_ms=bindparam("b_finished"),
+                    locked_until_ms=None, locked_by=None), others)
+
+    def take_back_leases(self) -> int:
+        with self.store.engine.begin() as conn:
+            return conn.execute(update(deliveries).where(
+                deliveries.c.state == "pending", deliveries.c.locked_until_ms.is_not(None)).values(
+                next_attempt_at_ms=now_ms(), locked_until_ms=None, locked_by=None)).rowcount
+
+    def release_expired(self) -> int:
+        with self.store.engine.begin() as conn:
+            return conn.execute(update(deliveries).where(
+                deliveries.c.state == "pending", deliveries.c.locked_until_ms < now_ms()).values(
+                locked_until_ms=None, locked_by=None)).rowcount

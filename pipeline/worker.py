@@ -1,0 +1,205 @@
+"""The pipeline worker: APScheduler jobs that decode the outbox and deliver to destinations.
+
+Jobs: ``decode``, one ``deliver:<name>`` per destination, ``reaper`` (expired leases),
+``retention`` and, on SQLite, ``checkpoint``. Each runs on an interval (0.1 s by default for
+decode and deliver), never overlaps itself, and drains its backlog before it returns, so a
+backlog is worked through at full speed while idle ticks cost one cheap query. The database
+work runs on threads; the adapters' I/O on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.engine import make_url
+
+from pipeline.config import Config
+from pipeline.decoder import Decoder
+from pipeline.delivery import DestinationRunner
+from pipeline.destinations.base import Destination
+from pipeline.destinations.registry import destination_type
+from pipeline.maintenance import apply_retention, checkpoint_wal
+from pipeline.queue import DeliveryQueue
+from pipeline.store import Store, normalise_url
+
+log = logging.getLogger("trackrelay.worker")
+
+# APScheduler logs every run at INFO and a skipped overlapping run at WARNING; with 0.1 s
+# ticks both would drown the log. Job exceptions are still logged (ERROR).
+for _name in ("apscheduler.executors.default", "apscheduler.scheduler"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+class WorkerLocked(Exception):
+    """Another worker already runs on this SQLite database."""
+
+
+def sqlite_lock_path(url: str) -> str | None:
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return os.path.abspath(parsed.database) + ".worker-lock"
+
+
+class Worker:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store: Store | None = None
+        self.adapters: dict[str, Destination] = {}
+        self.runners: dict[str, DestinationRunner] = {}
+        self.scheduler: AsyncIOScheduler | None = None
+        self._stopping = False
+        self._running: set[asyncio.Task[Any]] = set()
+        self._lock_file: Any = None
+
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def start(self) -> None:
+        self._take_sqlite_lock()
+        self.store = Store.open(self.config.database)
+        self.decoder = Decoder(self.store, self.config)
+        self.queue = DeliveryQueue(self.store)
+        if self.store.backend == "sqlite":
+            # Only one worker runs on SQLite, so every lease is a dead worker's: take them back.
+            taken = await asyncio.to_thread(self.queue.take_back_leases)
+            if taken:
+                log.info("event=leases_taken_back count=%d", taken)
+        for dest in self.config.destinations:
+            adapter = destination_type(dest.type)(dest.name, dest.options, dest.batch_size)
+            await adapter.start()
+            self.adapters[dest.name] = adapter
+            self.runners[dest.name] = DestinationRunner(dest, adapter, self.queue, self.config.worker.lease_seconds)
+        self._schedule()
+        log.info("event=started role=worker destinations=%s", ",".join(self.adapters) or "none")
+
+    def _take_sqlite_lock(self) -> None:
+        path = sqlite_lock_path(self.config.database.url)
+        if path is None:
+            return
+        self._lock_file = open(path, "a+")  # noqa: SIM115 (held for the worker's lifetime)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise WorkerLocked(f"another trackrelay worker is already running on this SQLite database "
+                               f"(lock {path}); SQLite takes one worker, use Postgres to run several") from None
+
+    def _schedule(self) -> None:
+        worker = self.config.worker
+        self.scheduler = AsyncIOScheduler(timezone=timezone.utc)
+        self._add("decode", self._decode, worker.poll_interval_seconds)
+        for name, runner in self.runners.items():
+            self._add(f"deliver:{name}", self._deliverer(runner), worker.poll_interval_seconds)
+        self._add("reaper", self._reap, worker.reaper_interval_seconds)
+        self._add("retention", self._retention, worker.retention_interval_seconds, first_run_now=True)
+        if self.store is not None and self.store.backend == "sqlite":
+            self._add("checkpoint", self._checkpoint, worker.checkpoint_interval_seconds)
+        self.scheduler.start()
+
+    def _add(self, job_id: str, job: Callable[[], Awaitable[Any]], seconds: float, first_run_now: bool = True) -> None:
+        assert self.scheduler is not None
+
+        async def tracked() -> None:
+            if self._stopping:
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            self._running.add(task)
+            try:
+                await job()
+            finally:
+                self._running.discard(task)
+
+        self.scheduler.add_job(tracked, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True,
+                               misfire_grace_time=None,
+                               next_run_time=datetime.now(timezone.utc) if first_run_now else None)
+
+    def wake(self, job_id: str) -> None:
+        """Run a job now instead of at its next tick (a no-op while it is already running)."""
+        if self.scheduler is not None and not self._stopping:
+            job = self.scheduler.get_job(job_id)
+            if job is not None:
+                job.modify(next_run_time=datetime.now(timezone.utc))
+
+    async def _decode(self) -> None:
+        while not self._stopping:
+            result = await asyncio.to_thread(self.decoder.decode_pending)
+            if result.deliveries:
+                for name in self.runners:
+                    self.wake(f"deliver:{name}")
+            if result.rows < self.config.worker.decode_batch_rows:
+                return
+
+    def _deliverer(self, runner: DestinationRunner) -> Callable[[], Awaitable[Any]]:
+        async def deliver() -> None:
+            await runner.drain(self.stopping)
+        return deliver
+
+    async def _reap(self) -> None:
+        released = await asyncio.to_thread(self.queue.release_expired)
+        if released:
+            log.info("event=leases_expired count=%d", released)
+
+    async def _retention(self) -> None:
+        assert self.store is not None
+        await asyncio.to_thread(apply_retention, self.store, self.config.worker)
+
+    async def _checkpoint(self) -> None:
+        assert self.store is not None
+        await asyncio.to_thread(checkpoint_wal, self.store)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Let running jobs finish their current batch, then close adapters and the store."""
+        self._stopping = True
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=timeout)
+        for adapter in self.adapters.values():
+            try:
+                await adapter.close()
+            except Exception:
+                log.exception("event=adapter_close_failed destination=%s", adapter.name)
+        if self.store is not None:
+            self.store.dispose()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        log.info("event=stopped role=worker")
+
+
+async def run_worker_until(config: Config, stop: asyncio.Event) -> None:
+    worker = Worker(config)
+    try:
+        await worker.start()
+        await stop.wait()
+    finally:
+        await worker.stop()
+
+
+def run_worker(config: Config) -> int:
+    """The worker process: run until SIGINT/SIGTERM; return the exit status."""
+    import signal
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker_until(config, stop)
+
+    try:
+        asyncio.run(main())
+    except WorkerLocked as exc:
+        log.error("event=worker_refused error=%r", str(exc))
+        return 1
+    return 0

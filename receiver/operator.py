@@ -1,0 +1,66 @@
+"""The operator commands' output: ``trackrelay status`` and ``trackrelay replay``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import orjson
+
+from pipeline.config import Config
+from pipeline.operations import parse_moment, replay_deliveries, replay_outbox, status
+from pipeline.store import Store
+
+
+def status_command(config: Config, args: argparse.Namespace) -> int:
+    store = Store.open(config.database)
+    try:
+        result = status(store, config)
+    finally:
+        store.dispose()
+    if args.json:
+        print(orjson.dumps(dataclasses.asdict(result), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    header = ("destination", "pending", "in_flight", "retrying", "dead", "delivered_1h", "oldest_pending")
+    rows = [header]
+    for name, d in sorted(result.destinations.items()):
+        oldest = "-" if d.oldest_pending_age_seconds is None else f"{d.oldest_pending_age_seconds:.1f}s"
+        rows.append((name, str(d.pending), str(d.in_flight), str(d.retrying), str(d.dead),
+                     str(d.delivered_last_hour), oldest))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"outbox pending: {result.outbox_pending}")
+    print(f"rejected: {result.rejected_total} (last hour: {result.rejected_last_hour})")
+    return 0
+
+
+def replay_command(config: Config, args: argparse.Namespace) -> int:
+    if args.destination not in {d.name for d in config.destinations}:
+        known = ", ".join(sorted(d.name for d in config.destinations)) or "none configured"
+        print(f"trackrelay: replay: no destination named {args.destination!r} ({known})", file=sys.stderr)
+        return 2
+    try:
+        since = parse_moment(args.since) if args.since else None
+        until = parse_moment(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"trackrelay: replay: {exc}", file=sys.stderr)
+        return 2
+    store = Store.open(config.database)
+    try:
+        if args.from_outbox:
+            if since is None:
+                print("trackrelay: replay: --from-outbox needs --since", file=sys.stderr)
+                return 2
+            count = replay_outbox(store, config, args.destination, since, until, dry_run=args.dry_run)
+            what = "events from the outbox"
+        else:
+            count = replay_deliveries(store, args.destination, args.state, since, until, args.type,
+                                      dry_run=args.dry_run)
+            what = f"{args.state} deliveries"
+    finally:
+        store.dispose()
+    verb = "would replay" if args.dry_run else "replayed"
+    print(f"{verb} {count} {what} to {args.destination}")
+    return 0
