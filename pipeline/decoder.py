@@ -49,32 +49,50 @@ class Decoder:
                       add_context_ip=self.config.worker.add_context_ip)
 
     def decode_pending(self, limit: int | None = None) -> DecodeResult:
-        """Decode up to ``limit`` pending outbox rows in one transaction (blocking)."""
+        """Decode up to ``limit`` pending outbox rows (blocking)."""
         limit = limit or self.config.worker.decode_batch_rows
-        with self.store.engine.begin() as conn:
-            query = (select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body,
-                            outbox.c.remote_addr, outbox.c.auth_key, outbox.c.override_key)
-                     .where(outbox.c.state == "pending").order_by(outbox.c.id).limit(limit)
-                     .with_for_update(skip_locked=True))
-            requests = [StoredRequest(**row._mapping) for row in conn.execute(query)]
+        query = (select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body,
+                        outbox.c.remote_addr, outbox.c.auth_key, outbox.c.override_key)
+                 .where(outbox.c.state == "pending").order_by(outbox.c.id).limit(limit))
+        if self.store.backend == "sqlite":
+            # One worker per SQLite database (it holds a lock file), so nobody else decodes
+            # these rows: read and expand them outside the write transaction, which then only
+            # inserts, keeping the receiver's wait for the write lock short.
+            with self.store.engine.connect().execution_options(readonly=True) as conn:
+                requests = [StoredRequest(**row._mapping) for row in conn.execute(query)]
             if not requests:
                 return DecodeResult(0, 0, 0, 0, 0)
-            result = self._store_expansions(conn, requests, only_destination=None)
-            conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in requests])).values(state="done"))
+            expanded = [(r, self.expand(r)) for r in requests]
+            with self.store.engine.begin() as conn:
+                result = self._store_expansions(conn, expanded, only_destination=None)
+                self._mark_done(conn, requests)
+            return result
+        with self.store.engine.begin() as conn:
+            # Several workers may share a Postgres database: each takes rows nobody holds.
+            requests = [StoredRequest(**row._mapping)
+                        for row in conn.execute(query.with_for_update(skip_locked=True))]
+            if not requests:
+                return DecodeResult(0, 0, 0, 0, 0)
+            result = self._store_expansions(conn, [(r, self.expand(r)) for r in requests], only_destination=None)
+            self._mark_done(conn, requests)
         return result
+
+    @staticmethod
+    def _mark_done(conn: Connection, requests: Sequence[StoredRequest]) -> None:
+        conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in requests])).values(state="done"))
 
     def replay_requests(self, requests: Sequence[StoredRequest], destination: str) -> DecodeResult:
         """Deliver these stored requests to ``destination`` again, duplicates included."""
+        expanded = [(r, self.expand(r)) for r in requests]
         with self.store.engine.begin() as conn:
-            return self._store_expansions(conn, requests, only_destination=destination)
+            return self._store_expansions(conn, expanded, only_destination=destination)
 
-    def _store_expansions(self, conn: Connection, requests: Sequence[StoredRequest],
+    def _store_expansions(self, conn: Connection, expanded: Sequence[tuple[StoredRequest, Expansion]],
                           only_destination: str | None) -> DecodeResult:
         now = now_ms()
         decoded: list[tuple[StoredRequest, DecodedEvent]] = []
         refused_rows: list[dict[str, Any]] = []
-        for request in requests:
-            expansion = self.expand(request)
+        for request, expansion in expanded:
             decoded += [(request, event) for event in expansion.events]
             if only_destination is None:
                 refused_rows += [self._refused_row(request, item) for item in expansion.refused]
@@ -97,7 +115,7 @@ class Decoder:
             conn.execute(deliveries.insert(), planned)
         if refused_rows:
             conn.execute(rejected.insert(), refused_rows)
-        return DecodeResult(len(requests), len(seen), len(decoded) - len(seen), len(planned), len(refused_rows))
+        return DecodeResult(len(expanded), len(seen), len(decoded) - len(seen), len(planned), len(refused_rows))
 
     def _insert_events(self, conn: Connection, decoded: list[tuple[StoredRequest, DecodedEvent]]
                        ) -> dict[tuple[str, str], int]:

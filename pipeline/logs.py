@@ -16,3 +16,5 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # Tornado's per-request access lines are off (see receiver.app); keep its warnings.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    # Alembic narrates every revision check; `trackrelay migrate` logs what it changed itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

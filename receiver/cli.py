@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.config import Config, ConfigError, load_config, settings_help
 from pipeline.messages import MESSAGE_TYPES
 from pipeline.logs import configure_logging
-from pipeline.migrate import upgrade
+from pipeline.migrate import current_revision, upgrade
 from pipeline.store import Store
 from pipeline.worker import run_worker
 from receiver.operator import replay_command, status_command
@@ -93,10 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             store = Store.open(config.database)
             try:
+                before = current_revision(store.engine)
                 upgrade(store.engine)
+                after = current_revision(store.engine)
             finally:
                 store.dispose()
-            log.info("event=migrated")
+            log.info("event=migrated from=%s to=%s", before or "none", after)
             return 0
         if args.command in ("status", "replay"):
             check_database(config)
