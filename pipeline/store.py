@@ -121,6 +121,9 @@ class Store:
             with self.engine.begin() as conn:
                 if outbox_rows:
                     conn.execute(insert(outbox), list(outbox_rows))
+                    if self.backend == "postgresql":
+                        # Delivered to the LISTENing worker when this commits (pipeline.wakeup).
+                        conn.execute(text("SELECT pg_notify('trackrelay_outbox', '')"))
                 if rejected_rows:
                     conn.execute(insert(rejected), list(rejected_rows))
         except SQLAlchemyError as exc:

@@ -28,6 +28,7 @@ from pipeline.destinations.registry import destination_type
 from pipeline.maintenance import apply_retention, checkpoint_wal
 from pipeline.queue import DeliveryQueue
 from pipeline.store import Store, normalise_url
+from pipeline.wakeup import start_listener
 
 log = logging.getLogger("trackrelay.worker")
 
@@ -58,6 +59,9 @@ class Worker:
         self._stopping = False
         self._running: set[asyncio.Task[Any]] = set()
         self._lock_file: Any = None
+        self._listener: Any = None
+        self._active_jobs: set[str] = set()
+        self._wanted_again: set[str] = set()
 
     def stopping(self) -> bool:
         return self._stopping
@@ -78,6 +82,8 @@ class Worker:
             self.adapters[dest.name] = adapter
             self.runners[dest.name] = DestinationRunner(dest, adapter, self.queue, self.config.worker.lease_seconds)
         self._schedule()
+        # The receiver signals each commit, so new events do not wait for the next poll.
+        self._listener = start_listener(self.config.database.url, lambda: self.wake("decode"))
         log.info("event=started role=worker destinations=%s", ",".join(self.adapters) or "none")
 
     def _take_sqlite_lock(self) -> None:
@@ -114,9 +120,16 @@ class Worker:
             task = asyncio.current_task()
             assert task is not None
             self._running.add(task)
+            self._active_jobs.add(job_id)
             try:
-                await job()
+                while True:
+                    self._wanted_again.discard(job_id)
+                    await job()
+                    # A wake-up that came while we ran may be for work we did not see.
+                    if job_id not in self._wanted_again or self._stopping:
+                        break
             finally:
+                self._active_jobs.discard(job_id)
                 self._running.discard(task)
 
         self.scheduler.add_job(tracked, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True,
@@ -124,7 +137,10 @@ class Worker:
                                next_run_time=datetime.now(timezone.utc) if first_run_now else None)
 
     def wake(self, job_id: str) -> None:
-        """Run a job now instead of at its next tick (a no-op while it is already running)."""
+        """Run a job now instead of at its next tick; if it is running, once more when it ends."""
+        if job_id in self._active_jobs:
+            self._wanted_again.add(job_id)
+            return
         if self.scheduler is not None and not self._stopping:
             job = self.scheduler.get_job(job_id)
             if job is not None:
@@ -160,6 +176,9 @@ class Worker:
     async def stop(self, timeout: float = 30.0) -> None:
         """Let running jobs finish their current batch, then close adapters and the store."""
         self._stopping = True
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         if self._running:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,8 +32,11 @@ class _Pending:
 class GroupCommitter:
     """Queue rows from the event loop; one writer thread commits them in groups."""
 
-    def __init__(self, store: Store, max_rows: int = 500, timeout: float = 10.0) -> None:
+    def __init__(self, store: Store, max_rows: int = 500, timeout: float = 10.0,
+                 on_commit: Callable[[], None] | None = None) -> None:
         self._store = store
+        # Called on the writer thread after a commit that wrote outbox rows (wakes the worker).
+        self._on_commit = on_commit
         self._max_rows = max_rows
         self._timeout = timeout
         self._queue: list[_Pending] = []
@@ -65,6 +68,8 @@ class GroupCommitter:
         """On the writer thread: one transaction for the group, or row by row if one is bad."""
         try:
             self._append(group)
+            if self._on_commit is not None and any(p.table == "outbox" for p in group):
+                self._on_commit()
             return [None] * len(group)
         except StoreUnavailable as exc:
             return [exc] * len(group)

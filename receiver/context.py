@@ -9,6 +9,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.sources import SourceRegistry
 from pipeline.store import Store
+from pipeline.wakeup import outbox_signal
 from receiver.commit import GroupCommitter
 
 
@@ -23,8 +24,10 @@ class ReceiverContext:
 
     @classmethod
     def create(cls, config: Config, store: Store) -> ReceiverContext:
+        signal = outbox_signal(config.database.url)
         committer = GroupCommitter(store, max_rows=config.receiver.commit_max_rows,
-                                   timeout=config.database.lock_timeout_seconds + 5)
+                                   timeout=config.database.lock_timeout_seconds + 5,
+                                   on_commit=signal.send if signal is not None else None)
         return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources))
 
     async def drain(self, timeout: float) -> None:
