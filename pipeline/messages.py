@@ -43,7 +43,10 @@ def parse_timestamp(value: str) -> datetime:
     parsed = datetime.fromisoformat(value)
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:  # "0001-01-01T00:00:00+02:00" is before year 1 in UTC
+        raise ValueError(f"{value!r} is out of range in UTC") from None
 
 
 def message_type(message: dict[str, Any], route_type: str | None) -> str | None:

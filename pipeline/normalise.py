@@ -138,7 +138,8 @@ def event_times(message: dict[str, Any], batch: dict[str, Any], received_at_ms: 
 def iso_ms(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and Z: 2026-11-26T10:00:00.123Z."""
     moment = moment.astimezone(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # isoformat, not strftime: strftime("%Y") gives "999" for the year 999, not "0999".
+    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def deep_merge(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
