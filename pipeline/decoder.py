@@ -121,7 +121,9 @@ class Decoder:
                        ) -> dict[tuple[str, str], int]:
         if not decoded:
             return {}
-        rows = [{"source": e.source, "message_id": e.message_id, "type": e.type, "event_name": e.event_name,
+        # Postgres text cannot hold NUL: one such event name would fail every decode of its row.
+        rows = [{"source": e.source, "message_id": e.message_id, "type": e.type,
+                 "event_name": e.event_name.replace("\x00", "") if e.event_name else e.event_name,
                  "outbox_id": r.id, "received_at_ms": r.received_at_ms, "payload": orjson.dumps(e.payload)}
                 for r, e in decoded]
         insert = (postgresql.insert if self.store.backend == "postgresql" else sqlite.insert)(events)

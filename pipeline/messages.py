@@ -123,9 +123,11 @@ def _check_identity(message: dict[str, Any], kind: str) -> Problem | None:
 
 def _check_fields(message: dict[str, Any]) -> Problem | None:
     message_id = message.get("messageId")
-    if message_id is not None and (not isinstance(message_id, str) or len(message_id) > MAX_MESSAGE_ID):
+    # No NUL: it is the deduplication key, stored as text, and Postgres text cannot hold NUL.
+    if message_id is not None and (not isinstance(message_id, str) or len(message_id) > MAX_MESSAGE_ID
+                                   or "\x00" in message_id):
         return Problem("invalid_message_id", "Invalid messageId",
-                       f"messageId must be a string of at most {MAX_MESSAGE_ID} characters")
+                       f"messageId must be a string of at most {MAX_MESSAGE_ID} characters, without NUL")
     for key in TIMESTAMP_FIELDS:
         problem = check_timestamp(message, key)
         if problem is not None:

@@ -80,7 +80,10 @@ class DeliveryQueue:
             return
         now = now_ms()
         delivered = [i for i, d in decisions if d.state == DELIVERED]
-        others = [{"b_id": i, "b_state": d.state, "b_next": d.next_attempt_at_ms or now, "b_error": d.error,
+        # Postgres text cannot hold NUL (a destination's error body may): one such error would
+        # fail the whole batch's record, and every event of it would be delivered again.
+        others = [{"b_id": i, "b_state": d.state, "b_next": d.next_attempt_at_ms or now,
+                   "b_error": d.error.replace("\x00", "") if d.error else d.error,
                    "b_finished": now if d.state == DEAD else None}
                   for i, d in decisions if d.state != DELIVERED]
         mine = and_(deliveries.c.locked_by == self.owner, deliveries.c.state == "pending")

@@ -1,0 +1,262 @@
+"""pipeline.queue.DeliveryQueue: claim with a lease, renew, record outcomes, take back and reap leases."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import insert, select
+
+from pipeline.queue import DeliveryQueue
+from pipeline.retry import Decision
+from pipeline.schema import deliveries, events
+from pipeline.store import Store, now_ms
+from stored_rows import add_delivery, add_event, opened_store, rows
+
+LONG = 60_000
+SHORT = 50
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    yield from opened_store(database_url)
+
+
+@pytest.fixture
+def postgres_store(postgres_url: str) -> Iterator[Store]:
+    yield from opened_store(postgres_url)
+
+
+def delivery(store: Store, delivery_id: int) -> dict[str, Any]:
+    return next(d for d in rows(store, "deliveries") if d["id"] == delivery_id)
+
+
+def pending_hook_deliveries(store: Store, count: int) -> list[int]:
+    return [add_delivery(store, add_event(store, f"m{i}")) for i in range(count)]
+
+
+def let_short_leases_run_out() -> None:
+    time.sleep(SHORT * 3 / 1000)
+
+
+def test_claim_returns_due_deliveries_with_their_event_payloads(store: Store) -> None:
+    now = now_ms()
+    due = add_delivery(store, add_event(store, "m1"), "hook", created_at_ms=now - 5000, next_attempt_at_ms=now - 10)
+    add_delivery(store, add_event(store, "later"), "hook", next_attempt_at_ms=now + LONG)
+    add_delivery(store, add_event(store, "elsewhere"), "warehouse")
+    add_delivery(store, add_event(store, "sent"), "hook", state="delivered", finished_at_ms=now)
+    add_delivery(store, add_event(store, "given-up"), "hook", state="dead", finished_at_ms=now)
+
+    (claimed,) = DeliveryQueue(store, "w1").claim("hook", 10, LONG)
+
+    assert (claimed.id, claimed.attempts, claimed.created_at_ms) == (due, 1, now - 5000)
+    assert claimed.event == {"type": "track", "event": "Signed Up", "userId": "u1", "messageId": "m1"}
+
+
+def test_claim_counts_the_attempt_and_leases_the_row_to_its_owner(store: Store) -> None:
+    (delivery_id,) = pending_hook_deliveries(store, 1)
+
+    DeliveryQueue(store, "w1").claim("hook", 10, LONG)
+
+    row = delivery(store, delivery_id)
+    assert (row["state"], row["attempts"], row["locked_by"]) == ("pending", 1, "w1")
+    assert row["locked_until_ms"] == row["next_attempt_at_ms"] == row["last_attempt_at_ms"] + LONG
+
+
+def test_claim_takes_the_earliest_due_first_up_to_the_limit(store: Store) -> None:
+    now = now_ms()
+    ids = [add_delivery(store, add_event(store, f"m{i}"), next_attempt_at_ms=now - 1000 + i * 10) for i in range(5)]
+    queue = DeliveryQueue(store, "w1")
+
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == ids[:2]
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == ids[2:4]
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == ids[4:]
+    assert queue.claim("hook", 2, LONG) == []
+
+
+def test_leased_deliveries_are_not_claimed_again_until_the_lease_runs_out(store: Store) -> None:
+    ids = pending_hook_deliveries(store, 3)
+    first, second = DeliveryQueue(store, "w1"), DeliveryQueue(store, "w2")
+
+    assert [c.id for c in first.claim("hook", 10, SHORT)] == ids
+    assert second.claim("hook", 10, SHORT) == []
+    let_short_leases_run_out()
+
+    again = second.claim("hook", 10, LONG)
+    assert [(c.id, c.attempts) for c in again] == [(i, 2) for i in ids]
+    assert {delivery(store, i)["locked_by"] for i in ids} == {"w2"}
+
+
+def test_renew_extends_only_the_owners_leases(store: Store) -> None:
+    mine, theirs = pending_hook_deliveries(store, 2)
+    queue, other = DeliveryQueue(store, "w1"), DeliveryQueue(store, "w2")
+    queue.claim("hook", 1, SHORT)
+    other.claim("hook", 1, SHORT)
+    theirs_before = delivery(store, theirs)
+
+    before = now_ms()
+    assert queue.renew([mine, theirs], LONG) == 1
+
+    row = delivery(store, mine)
+    assert row["locked_until_ms"] == row["next_attempt_at_ms"] >= before + LONG
+    assert delivery(store, theirs) == theirs_before
+    let_short_leases_run_out()
+    assert [c.id for c in other.claim("hook", 10, LONG)] == [theirs]
+
+
+def test_renew_ignores_deliveries_already_recorded(store: Store) -> None:
+    (delivery_id,) = pending_hook_deliveries(store, 1)
+    queue = DeliveryQueue(store, "w1")
+    queue.claim("hook", 1, LONG)
+    queue.record([(delivery_id, Decision("delivered"))])
+
+    assert queue.renew([delivery_id], LONG) == 0
+    assert queue.renew([], LONG) == 0
+
+
+def test_record_stores_each_outcome_and_releases_the_lease(store: Store) -> None:
+    sent, later, gone = pending_hook_deliveries(store, 3)
+    queue = DeliveryQueue(store, "w1")
+    queue.claim("hook", 10, LONG)
+    retry_at = now_ms() + 7000
+
+    before = now_ms()
+    queue.record([(sent, Decision("delivered")), (later, Decision("pending", retry_at, "HTTP 503: busy")),
+                  (gone, Decision("dead", error="rejected: HTTP 400: bad"))])
+    after = now_ms()
+
+    rows_by_id = {d["id"]: d for d in rows(store, "deliveries")}
+    assert {i: (d["state"], d["attempts"], d["locked_until_ms"], d["locked_by"], d["last_error"])
+            for i, d in rows_by_id.items()} == {
+        sent: ("delivered", 1, None, None, None),
+        later: ("pending", 1, None, None, "HTTP 503: busy"),
+        gone: ("dead", 1, None, None, "rejected: HTTP 400: bad")}
+    assert rows_by_id[later]["next_attempt_at_ms"] == retry_at
+    assert rows_by_id[later]["finished_at_ms"] is None
+    assert before <= rows_by_id[sent]["finished_at_ms"] <= after
+    assert before <= rows_by_id[gone]["finished_at_ms"] <= after
+
+
+def test_a_retried_delivery_comes_back_when_it_is_due(store: Store) -> None:
+    (delivery_id,) = pending_hook_deliveries(store, 1)
+    queue = DeliveryQueue(store, "w1")
+    queue.claim("hook", 1, LONG)
+
+    queue.record([(delivery_id, Decision("pending", now_ms() + LONG, "timeout"))])
+    assert queue.claim("hook", 1, LONG) == []
+    queue.record([])
+
+    with store.engine.begin() as conn:
+        conn.execute(deliveries.update().values(next_attempt_at_ms=now_ms() - 1))
+    assert [(c.id, c.attempts) for c in queue.claim("hook", 1, LONG)] == [(delivery_id, 2)]
+
+
+def test_record_is_ignored_for_a_delivery_whose_lease_another_worker_took(store: Store) -> None:
+    (delivery_id,) = pending_hook_deliveries(store, 1)
+    slow, fresh = DeliveryQueue(store, "slow"), DeliveryQueue(store, "fresh")
+    slow.claim("hook", 1, SHORT)
+    let_short_leases_run_out()
+    fresh.claim("hook", 1, LONG)
+
+    slow.record([(delivery_id, Decision("dead", error="rejected: late"))])
+    assert (delivery(store, delivery_id)["state"], delivery(store, delivery_id)["locked_by"]) == ("pending", "fresh")
+
+    fresh.record([(delivery_id, Decision("delivered"))])
+    assert (delivery(store, delivery_id)["state"], delivery(store, delivery_id)["attempts"]) == ("delivered", 2)
+
+
+def test_take_back_leases_makes_every_leased_delivery_due_now(store: Store) -> None:
+    ids = pending_hook_deliveries(store, 3)
+    untouched = add_delivery(store, add_event(store, "later"), next_attempt_at_ms=now_ms() + LONG)
+    DeliveryQueue(store, "crashed").claim("hook", 10, LONG)
+
+    restarted = DeliveryQueue(store, "restarted")
+    assert restarted.take_back_leases() == 3
+
+    assert {(d["locked_until_ms"], d["locked_by"]) for d in rows(store, "deliveries")} == {(None, None)}
+    assert [(c.id, c.attempts) for c in restarted.claim("hook", 10, LONG)] == [(i, 2) for i in ids]
+    assert (delivery(store, untouched)["attempts"], delivery(store, untouched)["next_attempt_at_ms"] > now_ms()) \
+        == (0, True)
+    assert DeliveryQueue(store, "x").take_back_leases() == 3
+
+
+def test_release_expired_clears_only_leases_that_ran_out(store: Store) -> None:
+    expired, held = pending_hook_deliveries(store, 2)
+    queue = DeliveryQueue(store, "w1")
+    queue.claim("hook", 1, SHORT)
+    queue.claim("hook", 1, LONG)
+    let_short_leases_run_out()
+
+    assert queue.release_expired() == 1
+    assert queue.release_expired() == 0
+
+    assert (delivery(store, expired)["locked_until_ms"], delivery(store, expired)["locked_by"]) == (None, None)
+    assert delivery(store, held)["locked_by"] == "w1"
+    assert [c.id for c in DeliveryQueue(store, "w2").claim("hook", 10, LONG)] == [expired]
+
+
+@pytest.mark.postgres
+def test_concurrent_claims_on_postgres_never_hand_out_the_same_delivery(postgres_store: Store) -> None:
+    store = postgres_store
+    total, threads = 2000, 8
+    expected = add_many_deliveries(store, total)
+    claimed: dict[str, list[int]] = {f"w{i}": [] for i in range(threads)}
+    count_lock = threading.Lock()
+    seen = [0]
+    errors: list[BaseException] = []
+
+    def work(owner: str) -> None:
+        queue = DeliveryQueue(store, owner)
+        try:
+            while True:
+                got = [c.id for c in queue.claim("hook", 25, LONG)]
+                claimed[owner] += got
+                with count_lock:
+                    seen[0] += len(got)
+                    if seen[0] >= total and not got:
+                        return
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(owner,)) for owner in claimed]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+
+    assert errors == []
+    counts = Counter(i for ids in claimed.values() for i in ids)
+    assert sorted(counts) == expected
+    assert set(counts.values()) == {1}
+    owners = {d["id"]: (d["locked_by"], d["attempts"]) for d in rows(store, "deliveries")}
+    assert owners == {i: (owner, 1) for owner, ids in claimed.items() for i in ids}
+    assert sum(1 for ids in claimed.values() if ids) > 1
+
+
+def add_many_deliveries(store: Store, count: int) -> list[int]:
+    now = now_ms()
+    with store.engine.begin() as conn:
+        conn.execute(insert(events), [{
+            "source": "default", "message_id": f"m{i}", "type": "track", "event_name": "E", "outbox_id": None,
+            "received_at_ms": now, "payload": orjson.dumps({"messageId": f"m{i}"})} for i in range(count)])
+        event_ids = conn.execute(select(events.c.id).order_by(events.c.id)).scalars().all()
+        conn.execute(insert(deliveries), [{
+            "event_id": i, "destination": "hook", "state": "pending", "attempts": 0, "created_at_ms": now,
+            "next_attempt_at_ms": now} for i in event_ids])
+        return list(conn.execute(select(deliveries.c.id).order_by(deliveries.c.id)).scalars())
+
+
+def test_an_error_holding_nul_is_recorded_without_it_and_with_the_rest_of_the_batch(store: Store) -> None:
+    sent, later = pending_hook_deliveries(store, 2)
+    queue = DeliveryQueue(store, "w1")
+    queue.claim("hook", 10, LONG)
+
+    queue.record([(sent, Decision("delivered")), (later, Decision("pending", now_ms(), "HTTP 503: a\x00b"))])
+
+    assert [(d["state"], d["last_error"]) for d in rows(store, "deliveries")] == [
+        ("delivered", None), ("pending", "HTTP 503: ab")]
