@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection, select, tuple_, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline.config import Config
@@ -23,7 +24,7 @@ from pipeline.normalise import DecodedEvent, Expansion, StoredRequest, expand
 from pipeline.routing import Router
 from pipeline.schema import deliveries, events, outbox, rejected
 from pipeline.sources import SourceRegistry
-from pipeline.store import Store, now_ms
+from pipeline.store import Store, is_unavailable, now_ms, short_error
 
 log = logging.getLogger("trackrelay.decoder")
 
@@ -35,6 +36,8 @@ class DecodeResult:
     duplicates: int
     deliveries: int
     refused: int
+    # The highest outbox id decoded: where a row-by-row pass goes on from. Not a figure.
+    last_id: int = field(default=0, compare=False)
 
 
 class Decoder:
@@ -49,11 +52,42 @@ class Decoder:
                       add_context_ip=self.config.worker.add_context_ip)
 
     def decode_pending(self, limit: int | None = None) -> DecodeResult:
-        """Decode up to ``limit`` pending outbox rows (blocking)."""
+        """Decode up to ``limit`` pending outbox rows (blocking).
+
+        A group that the database refuses (not an outage: a value it cannot hold) is decoded
+        again row by row, and a row that still fails is set aside as ``failed`` with a
+        ``rejected`` record, so one bad row never stops the pipeline behind it.
+        """
         limit = limit or self.config.worker.decode_batch_rows
+        try:
+            return self._decode(limit, after_id=None)
+        except SQLAlchemyError as exc:
+            if is_unavailable(exc):
+                raise
+            log.warning("event=decode_group_failed rows<=%d error=%r action=row_by_row", limit, short_error(exc))
+        totals = DecodeResult(0, 0, 0, 0, 0)
+        after_id = 0
+        for _ in range(limit):
+            try:
+                result = self._decode(1, after_id=after_id)
+            except SQLAlchemyError as exc:
+                if is_unavailable(exc):
+                    raise
+                after_id = self._set_aside_next(after_id, exc)
+                totals = _add(totals, DecodeResult(1, 0, 0, 0, 1))
+                continue
+            if result.rows == 0:
+                break
+            after_id = result.last_id
+            totals = _add(totals, result)
+        return totals
+
+    def _decode(self, limit: int, after_id: int | None) -> DecodeResult:
         query = (select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body,
                         outbox.c.remote_addr, outbox.c.auth_key, outbox.c.override_key)
                  .where(outbox.c.state == "pending").order_by(outbox.c.id).limit(limit))
+        if after_id is not None:
+            query = query.where(outbox.c.id > after_id)
         if self.store.backend == "sqlite":
             # One worker per SQLite database (it holds a lock file), so nobody else decodes
             # these rows: read and expand them outside the write transaction, which then only
@@ -65,7 +99,7 @@ class Decoder:
             expanded = [(r, self.expand(r)) for r in requests]
             with self.store.engine.begin() as conn:
                 result = self._store_expansions(conn, expanded, only_destination=None)
-                self._mark_done(conn, requests)
+                self._mark(conn, requests, "done")
             return result
         with self.store.engine.begin() as conn:
             # Several workers may share a Postgres database: each takes rows nobody holds.
@@ -74,12 +108,29 @@ class Decoder:
             if not requests:
                 return DecodeResult(0, 0, 0, 0, 0)
             result = self._store_expansions(conn, [(r, self.expand(r)) for r in requests], only_destination=None)
-            self._mark_done(conn, requests)
+            self._mark(conn, requests, "done")
         return result
 
+    def _set_aside_next(self, after_id: int, exc: BaseException) -> int:
+        """Mark the next pending row after ``after_id`` failed, with a rejected record; return its id."""
+        with self.store.engine.begin() as conn:
+            row = conn.execute(select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body,
+                                      outbox.c.remote_addr)
+                               .where(outbox.c.state == "pending", outbox.c.id > after_id)
+                               .order_by(outbox.c.id).limit(1).with_for_update(skip_locked=True)).first()
+            if row is None:
+                return after_id
+            conn.execute(update(outbox).where(outbox.c.id == row.id).values(state="failed"))
+            conn.execute(rejected.insert().values(
+                received_at_ms=row.received_at_ms, route=row.route, source=None, status=500, code="decode_failed",
+                reason=f"outbox row {row.id} could not be stored: {short_error(exc)}"[:2000],
+                raw=row.body[: self.config.receiver.rejected_raw_bytes], remote_addr=row.remote_addr))
+        log.error("event=decode_row_failed outbox_id=%d error=%r", row.id, short_error(exc))
+        return row.id
+
     @staticmethod
-    def _mark_done(conn: Connection, requests: Sequence[StoredRequest]) -> None:
-        conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in requests])).values(state="done"))
+    def _mark(conn: Connection, requests: Sequence[StoredRequest], state: str) -> None:
+        conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in requests])).values(state=state))
 
     def replay_requests(self, requests: Sequence[StoredRequest], destination: str) -> DecodeResult:
         """Deliver these stored requests to ``destination`` again, duplicates included."""
@@ -115,7 +166,8 @@ class Decoder:
             conn.execute(deliveries.insert(), planned)
         if refused_rows:
             conn.execute(rejected.insert(), refused_rows)
-        return DecodeResult(len(expanded), len(seen), len(decoded) - len(seen), len(planned), len(refused_rows))
+        return DecodeResult(len(expanded), len(seen), len(decoded) - len(seen), len(planned), len(refused_rows),
+                            last_id=max((r.id for r, _ in expanded), default=0))
 
     def _insert_events(self, conn: Connection, decoded: list[tuple[StoredRequest, DecodedEvent]]
                        ) -> dict[tuple[str, str], int]:
@@ -149,3 +201,9 @@ class Decoder:
         return {"received_at_ms": request.received_at_ms, "route": request.route, "source": None,
                 "status": problem.status, "code": problem.code, "reason": reason,
                 "raw": item.raw[: self.config.receiver.rejected_raw_bytes], "remote_addr": request.remote_addr}
+
+
+def _add(a: DecodeResult, b: DecodeResult) -> DecodeResult:
+    return DecodeResult(a.rows + b.rows, a.events + b.events, a.duplicates + b.duplicates,
+                        a.deliveries + b.deliveries, a.refused + b.refused, max(a.last_id, b.last_id))
+

@@ -128,8 +128,8 @@ class Store:
                     conn.execute(insert(rejected), list(rejected_rows))
         except SQLAlchemyError as exc:
             if is_unavailable(exc):
-                raise StoreUnavailable(_short(exc)) from exc
-            raise RowRefused(_short(exc)) from exc
+                raise StoreUnavailable(short_error(exc)) from exc
+            raise RowRefused(short_error(exc)) from exc
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers a query now."""
@@ -137,7 +137,7 @@ class Store:
             with self.engine.connect().execution_options(readonly=True) as conn:
                 conn.execute(text("SELECT 1")).scalar_one()
         except SQLAlchemyError as exc:
-            raise StoreUnavailable(_short(exc)) from exc
+            raise StoreUnavailable(short_error(exc)) from exc
 
     def count(self, table: str, **where: Any) -> int:
         tbl = {"outbox": outbox, "rejected": rejected}[table]
@@ -158,7 +158,7 @@ class Store:
         self.engine.dispose()
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """The driver's message without SQLAlchemy's SQL and parameters (they may hold bodies)."""
     orig = getattr(exc, "orig", None)
     return str(orig if orig is not None else exc).splitlines()[0][:300]

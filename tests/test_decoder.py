@@ -251,3 +251,35 @@ def test_nul_characters_neither_block_decoding_nor_reach_text_columns(store: Sto
         ("invalid_message_id", "batch item 0: Invalid messageId: messageId must be a string of at most 100 "
                                "characters, without NUL")]
     assert states(store) == ["done"]
+
+
+def refuse_event(store: Store, message_id: str) -> None:
+    """A real refusal by the database of one event (as Postgres refuses a value it cannot hold)."""
+    with store.engine.begin() as conn:
+        if store.backend == "sqlite":
+            conn.exec_driver_sql(f"CREATE TRIGGER refuse_event BEFORE INSERT ON events WHEN NEW.message_id = "
+                                 f"'{message_id}' BEGIN SELECT RAISE(ABORT, 'poison event'); END")
+        else:
+            conn.exec_driver_sql("CREATE FUNCTION refuse_event() RETURNS trigger LANGUAGE plpgsql AS "
+                                 f"$$ BEGIN IF NEW.message_id = '{message_id}' THEN "
+                                 "RAISE EXCEPTION 'poison event'; END IF; RETURN NEW; END $$")
+            conn.exec_driver_sql("CREATE TRIGGER refuse_event BEFORE INSERT ON events "
+                                 "FOR EACH ROW EXECUTE FUNCTION refuse_event()")
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_the_rest_decode(store: Store) -> None:
+    store.append([outbox_row({"batch": [track("m1"), track("m2")]}),
+                  outbox_row(track("poison"), "track"),
+                  outbox_row(track("m3"), "track")])
+    refuse_event(store, "poison")
+
+    result = decoder(store).decode_pending()
+
+    assert (result.rows, result.events, result.deliveries, result.refused) == (3, 3, 6, 1)
+    assert [e["message_id"] for e in rows(store, "events")] == ["m1", "m2", "m3"]
+    assert states(store) == ["done", "failed", "done"]
+    [record] = rows(store, "rejected")
+    assert (record["code"], record["status"]) == ("decode_failed", 500)
+    assert "poison event" in record["reason"] and record["raw"] == orjson.dumps(track("poison"))
+    # The next call finds nothing left to decode: the failed row is not retried forever.
+    assert decoder(store).decode_pending().rows == 0
