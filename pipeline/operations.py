@@ -48,6 +48,7 @@ class DestinationStatus:
 class Status:
     destinations: dict[str, DestinationStatus] = field(default_factory=dict)
     outbox_pending: int = 0
+    outbox_failed: int = 0
     rejected_total: int = 0
     rejected_last_hour: int = 0
 
@@ -77,8 +78,9 @@ def status(store: Store, config: Config) -> Status:
             entry.oldest_pending_age_seconds = (now - oldest) / 1000 if oldest is not None else None
         for name, count in conn.execute(delivered):
             result.destinations.setdefault(name, DestinationStatus()).delivered_last_hour = count
-        result.outbox_pending = conn.execute(
-            select(func.count()).select_from(outbox).where(outbox.c.state == "pending")).scalar_one()
+        for state, count in conn.execute(select(outbox.c.state, func.count())
+                                         .where(outbox.c.state.in_(["pending", "failed"])).group_by(outbox.c.state)):
+            setattr(result, f"outbox_{state}", count)
         result.rejected_total, result.rejected_last_hour = conn.execute(select(
             func.count(), func.coalesce(func.sum(case((rejected.c.received_at_ms >= now - HOUR_MS, 1), else_=0)), 0)
         ).select_from(rejected)).one()

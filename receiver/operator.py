@@ -31,7 +31,7 @@ def status_command(config: Config, args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"outbox pending: {result.outbox_pending}")
+    print(f"outbox pending: {result.outbox_pending}, failed to decode: {result.outbox_failed}")
     print(f"rejected: {result.rejected_total} (last hour: {result.rejected_last_hour})")
     return 0
 
