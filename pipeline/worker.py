@@ -180,9 +180,13 @@ class Worker:
             self._listener.close()
             self._listener = None
         if self.scheduler is not None and self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+            self.scheduler.pause()
         if self._running:
             await asyncio.wait(list(self._running), timeout=timeout)
+        if self.scheduler is not None and self.scheduler.running:
+            # APScheduler's asyncio executor cancels the jobs still running when it shuts
+            # down: only once they finished their batch (or the timeout passed).
+            self.scheduler.shutdown(wait=False)
         for adapter in self.adapters.values():
             try:
                 await adapter.close()

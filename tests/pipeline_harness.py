@@ -19,11 +19,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from conftest import RunningReceiver
 from http_sink import Answer, HttpSink, Recorded
 from pipeline.config import Config, DatabaseConfig, load_config
 from pipeline.schema import deliveries, events, outbox
@@ -277,3 +279,43 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+# --- receiver and worker together --------------------------------------------------------------
+
+@dataclass
+class Pipeline:
+    config_path: Path
+    config: Config
+    receiver: RunningReceiver
+    worker: ThreadWorker
+    db: Database
+
+
+class Pipelines:
+    """Start a pipeline (config file, receiver and worker thread) on a test database; stop all."""
+
+    def __init__(self, database_url: str, directory: Path) -> None:
+        self.database_url = database_url
+        self.directory = directory
+        self.started: list[Pipeline] = []
+
+    def start(self, destinations: Sequence[dict[str, Any]], sources: Sequence[dict[str, Any]] = ()) -> Pipeline:
+        path = write_config(self.directory / "trackrelay.toml", self.database_url, destinations, sources)
+        config = read_config(path)
+        receiver = RunningReceiver(config)
+        try:
+            worker = ThreadWorker(config)
+        except BaseException:
+            receiver.stop()
+            raise
+        self.started.append(Pipeline(path, config, receiver, worker, Database(self.database_url)))
+        return self.started[-1]
+
+    def stop_all(self) -> None:
+        for pipeline in self.started:
+            try:
+                pipeline.worker.stop()
+            finally:
+                pipeline.receiver.stop()
+                pipeline.db.dispose()

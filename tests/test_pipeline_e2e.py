@@ -13,7 +13,6 @@ import re
 import signal
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -23,25 +22,14 @@ import pytest
 from rudderstack.analytics.client import Client as RudderClient
 from segment.analytics.client import Client as SegmentClient
 
-from conftest import RunningReceiver, unique_id
+from conftest import unique_id
 from http_sink import HttpSink
-from pipeline.config import Config
 from pipeline.messages import parse_timestamp
 from pipeline.normalise import iso_ms
-from pipeline_harness import (ISO_MS_Z, Database, Processes, ScriptedSink, ThreadWorker, read_config, wait_for,
-                              webhook, write_config)
+from pipeline_harness import ISO_MS_Z, Pipeline, Pipelines, Processes, ScriptedSink, wait_for, webhook, write_config
 
 WRITE_KEY = "ILoveData123"
 TIME_KEYS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
-
-
-@dataclass
-class Pipeline:
-    config_path: Path
-    config: Config
-    receiver: RunningReceiver
-    worker: ThreadWorker
-    db: Database
 
 
 @pytest.fixture
@@ -54,27 +42,9 @@ def sink() -> Iterator[ScriptedSink]:
 @pytest.fixture
 def start_pipeline(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Pipeline]]:
     """``start_pipeline(destinations, sources=())``: config file, receiver and worker (a thread)."""
-    started: list[Pipeline] = []
-
-    def start(destinations: list[dict[str, Any]], sources: list[dict[str, Any]] = ()) -> Pipeline:
-        path = write_config(tmp_path / "trackrelay.toml", database_url, destinations, sources)
-        config = read_config(path)
-        receiver = RunningReceiver(config)
-        try:
-            worker = ThreadWorker(config)
-        except BaseException:
-            receiver.stop()
-            raise
-        started.append(Pipeline(path, config, receiver, worker, Database(database_url)))
-        return started[-1]
-
-    yield start
-    for pipeline in started:
-        try:
-            pipeline.worker.stop()
-        finally:
-            pipeline.receiver.stop()
-            pipeline.db.dispose()
+    pipelines = Pipelines(database_url, tmp_path)
+    yield pipelines.start
+    pipelines.stop_all()
 
 
 def track(user: str = "u1", **fields: Any) -> dict[str, Any]:
@@ -260,5 +230,7 @@ def test_trackrelay_run_receives_and_delivers_in_separate_processes_and_exits_0_
         run.signal(signal.SIGTERM)
         assert run.wait() == 0, run.log
         assert "event=stopped role=worker" in run.log and "event=stopped role=receiver" in run.log
+        # A clean log: no job cancelled on the way out, no line per delivered request.
+        assert "Traceback" not in run.log and "HTTP Request:" not in run.log
     finally:
         processes.kill_leftovers()
