@@ -83,13 +83,12 @@ class WorkerConfig:
     add_context_ip: bool = True
 
 
-@dataclass(frozen=True)
-class DestinationConfig:
-    name: str
-    type: str
-    # The adapter's own settings: an instance of its Options dataclass.
-    options: Any
-    batch_size: int
+@dataclass(frozen=True, kw_only=True)
+class DestinationSettings:
+    """The settings every destination takes, whatever its type."""
+
+    # Events per adapter call; the default comes from the adapter type.
+    batch_size: int = 100
     # Names that the integrations object may use for it ("Mixpanel": false).
     aliases: tuple[str, ...] = ()
     # Filters: empty means every message type / every event name.
@@ -101,6 +100,14 @@ class DestinationConfig:
     max_age_seconds: float = 10800.0
     # Deliveries claimed per round; the adapter receives them batch_size at a time.
     claim_size: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class DestinationConfig(DestinationSettings):
+    name: str
+    type: str
+    # The adapter's own settings: an instance of its Options dataclass.
+    options: Any
 
 
 @dataclass(frozen=True)
@@ -315,7 +322,7 @@ def _build_destinations(raw: Any) -> tuple[DestinationConfig, ...]:
         own = {k: v for k, v in table.items() if k not in _COMMON_DESTINATION_KEYS}
         options = _build_section(f"destinations.{name}", cls.Options, own, {}, {}, label=where)
         common.setdefault("batch_size", cls.default_batch_size)
-        settings = dataclasses.asdict(_build_section(f"destinations.{name}", _DestinationSettings, common, {}, {},
+        settings = dataclasses.asdict(_build_section(f"destinations.{name}", DestinationSettings, common, {}, {},
                                                      label=where))
         if "claim_size" not in common:
             settings["claim_size"] = max(100, settings["batch_size"])
@@ -328,19 +335,6 @@ def _build_destinations(raw: Any) -> tuple[DestinationConfig, ...]:
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return tuple(built)
-
-
-@dataclass(frozen=True)
-class _DestinationSettings:
-    batch_size: int = 100
-    aliases: tuple[str, ...] = ()
-    types: tuple[str, ...] = ()
-    events: tuple[str, ...] = ()
-    max_attempts: int = 10
-    retry_initial_seconds: float = 1.0
-    retry_max_seconds: float = 300.0
-    max_age_seconds: float = 10800.0
-    claim_size: int = 100
 
 
 def _check_destination(dest: DestinationConfig, where: str) -> None:

@@ -177,3 +177,24 @@ def receiver(start_receiver: Callable[..., RunningReceiver]) -> RunningReceiver:
 
 def unique_id() -> str:
     return uuid.uuid4().hex
+
+
+@pytest.fixture
+def sink() -> Iterator[Any]:
+    """A recording HTTP sink on loopback whose answers a test can script (tests/pipeline_harness)."""
+    from http_sink import HttpSink
+    from pipeline_harness import ScriptedSink
+
+    running = HttpSink()
+    yield ScriptedSink(running)
+    running.stop()
+
+
+@pytest.fixture
+def start_pipeline(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``start_pipeline(destinations, sources=())``: config file, receiver and worker (a thread)."""
+    from pipeline_harness import Pipelines
+
+    pipelines = Pipelines(database_url, tmp_path)
+    yield pipelines.start
+    pipelines.stop_all()

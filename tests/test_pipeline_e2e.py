@@ -12,7 +12,7 @@ import json
 import re
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -23,28 +23,12 @@ from rudderstack.analytics.client import Client as RudderClient
 from segment.analytics.client import Client as SegmentClient
 
 from conftest import unique_id
-from http_sink import HttpSink
 from pipeline.messages import parse_timestamp
 from pipeline.normalise import iso_ms
-from pipeline_harness import ISO_MS_Z, Pipeline, Pipelines, Processes, ScriptedSink, wait_for, webhook, write_config
+from pipeline_harness import ISO_MS_Z, Pipeline, Processes, ScriptedSink, wait_for, webhook, write_config
 
 WRITE_KEY = "ILoveData123"
 TIME_KEYS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
-
-
-@pytest.fixture
-def sink() -> Iterator[ScriptedSink]:
-    running = HttpSink()
-    yield ScriptedSink(running)
-    running.stop()
-
-
-@pytest.fixture
-def start_pipeline(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Pipeline]]:
-    """``start_pipeline(destinations, sources=())``: config file, receiver and worker (a thread)."""
-    pipelines = Pipelines(database_url, tmp_path)
-    yield pipelines.start
-    pipelines.stop_all()
 
 
 def track(user: str = "u1", **fields: Any) -> dict[str, Any]:

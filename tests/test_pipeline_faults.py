@@ -19,25 +19,10 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import RunningReceiver, unique_id
-from http_sink import Answer, HttpSink
+from http_sink import Answer
 from pipeline.migrate import upgrade
-from pipeline_harness import (Database, Pipeline, Pipelines, Process, Processes, ScriptedSink, read_config, wait_for,
+from pipeline_harness import (Database, Pipeline, Process, Processes, ScriptedSink, read_config, wait_for,
                               webhook, write_config)
-
-
-@pytest.fixture
-def sink() -> Iterator[ScriptedSink]:
-    running = HttpSink()
-    yield ScriptedSink(running)
-    running.stop()
-
-
-@pytest.fixture
-def start_pipeline(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Pipeline]]:
-    """``start_pipeline(destinations, sources=())``: config file, receiver and worker (a thread)."""
-    pipelines = Pipelines(database_url, tmp_path)
-    yield pipelines.start
-    pipelines.stop_all()
 
 
 @pytest.fixture
