@@ -84,7 +84,8 @@ events = Table(
 
 # One row per (event, destination). A claim leases the row: it sets locked_until_ms and moves
 # next_attempt_at_ms to the same instant, so a crashed worker's claims are simply due again when
-# the lease runs out, and a claim is one index range scan however large the backlog.
+# the lease runs out, and a claim is one index range scan however large the backlog (the index
+# ends with id, the tie-break of the claim order, so no sort is needed).
 deliveries = Table(
     "deliveries",
     metadata,
@@ -104,7 +105,7 @@ deliveries = Table(
     Column("last_attempt_at_ms", BigInteger, nullable=True),
     Column("finished_at_ms", BigInteger, nullable=True),
     Column("last_error", Text, nullable=True),
-    Index("ix_deliveries_claim", "destination", "state", "next_attempt_at_ms"),
+    Index("ix_deliveries_claim", "destination", "state", "next_attempt_at_ms", "id"),
     Index("ix_deliveries_event_id", "event_id"),
     Index("ix_deliveries_state_finished_at_ms", "state", "finished_at_ms"),
 )

@@ -51,7 +51,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["event_id"], ["events.id"], name="fk_deliveries_event_id_events",
                                 ondelete="CASCADE"),
     )
-    op.create_index("ix_deliveries_claim", "deliveries", ["destination", "state", "next_attempt_at_ms"])
+    op.create_index("ix_deliveries_claim", "deliveries", ["destination", "state", "next_attempt_at_ms", "id"])
     op.create_index("ix_deliveries_event_id", "deliveries", ["event_id"])
     op.create_index("ix_deliveries_state_finished_at_ms", "deliveries", ["state", "finished_at_ms"])
 
