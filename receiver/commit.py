@@ -29,6 +29,11 @@ class _Pending:
         self.table, self.row, self.future = table, row, future
 
 
+def _expire(future: asyncio.Future[None], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(StoreUnavailable(f"no commit within {timeout:g} s"))
+
+
 class GroupCommitter:
     """Queue rows from the event loop; one writer thread commits them in groups."""
 
@@ -54,10 +59,12 @@ class GroupCommitter:
         self._queue.append(_Pending(table, row, future))
         if self._writing is None:
             self._write_next(loop)
+        # A timer handle, not wait_for(): no extra task per request on the hot path.
+        timer = loop.call_later(self._timeout, _expire, future, self._timeout)
         try:
-            await asyncio.wait_for(asyncio.shield(future), self._timeout)
-        except asyncio.TimeoutError:
-            raise StoreUnavailable(f"no commit within {self._timeout:g} s") from None
+            await future
+        finally:
+            timer.cancel()
 
     def _write_next(self, loop: asyncio.AbstractEventLoop) -> None:
         group, self._queue = self._queue[: self._max_rows], self._queue[self._max_rows:]
