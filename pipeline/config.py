@@ -53,7 +53,8 @@ class ReceiverConfig:
     cors_origins: tuple[str, ...] = ()
     # Group commit: at most this many rows share one transaction.
     commit_max_rows: int = 500
-    retry_after_seconds: int = 5
+    # Sent as whole seconds (rounded up), as HTTP requires.
+    retry_after_seconds: float = 5.0
     # Where to record refused input for operators; raw input is cut to this many bytes.
     rejected_raw_bytes: int = 2048
     # Behind a proxy: take the client address from X-Forwarded-For / X-Real-Ip.
@@ -157,7 +158,8 @@ def _convert(where: str, raw: Any, hint: Any, from_env: bool) -> Any:
         if from_env and isinstance(raw, str):
             raw = [part.strip() for part in raw.split(",") if part.strip()]
         if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
-            raise ConfigError(f"{where}: expected a list of strings, got {raw!r}")
+            # Name the type, never the value: it may be a write key.
+            raise ConfigError(f"{where}: expected a list of strings, got {_kind(raw)}")
         return tuple(raw)
     if hint is bool:
         if from_env and isinstance(raw, str):
@@ -182,8 +184,14 @@ def _convert(where: str, raw: Any, hint: Any, from_env: bool) -> Any:
             raise ConfigError(f"{where}: must not be negative, got {raw!r}")
         return value
     if not isinstance(raw, str):
-        raise ConfigError(f"{where}: expected a string, got {raw!r}")
+        raise ConfigError(f"{where}: expected a string, got {_kind(raw)}")
     return raw
+
+
+def _kind(raw: Any) -> str:
+    if isinstance(raw, list):
+        return "a list with " + (", ".join(sorted({type(x).__name__ for x in raw})) or "nothing")
+    return type(raw).__name__
 
 
 def _build_section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[str, str],

@@ -132,9 +132,14 @@ class Decoder:
     def _mark(conn: Connection, requests: Sequence[StoredRequest], state: str) -> None:
         conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in requests])).values(state=state))
 
-    def replay_requests(self, requests: Sequence[StoredRequest], destination: str) -> DecodeResult:
-        """Deliver these stored requests to ``destination`` again, duplicates included."""
+    def replay_requests(self, requests: Sequence[StoredRequest], destination: str,
+                        message_type: str | None = None) -> DecodeResult:
+        """Deliver these stored requests (or their events of ``message_type``) to ``destination``
+        again, duplicates included."""
         expanded = [(r, self.expand(r)) for r in requests]
+        if message_type is not None:
+            expanded = [(r, Expansion([e for e in x.events if e.type == message_type], x.refused))
+                        for r, x in expanded]
         with self.store.engine.begin() as conn:
             return self._store_expansions(conn, expanded, only_destination=destination)
 

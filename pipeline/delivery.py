@@ -73,13 +73,21 @@ async def deliver_in_batches(adapter: Destination, events: Sequence[Event], batc
 
 
 async def deliver_isolating(adapter: Destination, chunk: list[Event]) -> list[Outcome]:
-    """One adapter call; when it rejects a whole batch for one reason, split it until the bad
-    event is alone, so one poison event never takes its neighbours down with it."""
+    """One adapter call; when it fails a whole batch (rejects every event for one reason, or
+    raises), split it until the bad event is alone, so one poison event never takes its
+    neighbours down with it. A whole batch answered "retry" is not split: that is what an
+    outage looks like, and splitting would multiply the requests to a destination that is down."""
     try:
         outcomes = list(await adapter.deliver(chunk))
-    except Exception as exc:  # an adapter bug or an unexpected error: try again later
-        log.exception("event=adapter_error destination=%s", adapter.name)
-        return [retry(f"{type(exc).__name__}: {exc}")] * len(chunk)
+    except Exception as exc:  # an adapter bug or an unexpected error: isolate, then try again later
+        if len(chunk) > 1:
+            middle = len(chunk) // 2
+            left, right = await asyncio.gather(deliver_isolating(adapter, chunk[:middle]),
+                                               deliver_isolating(adapter, chunk[middle:]))
+            return left + right
+        log.error("event=adapter_error destination=%s error=%r", adapter.name, f"{type(exc).__name__}: {exc}"[:300],
+                  exc_info=exc)
+        return [retry(f"{type(exc).__name__}: {exc}")]
     if len(outcomes) != len(chunk):
         reason = f"adapter returned {len(outcomes)} outcomes for {len(chunk)} events"
         log.error("event=adapter_error destination=%s error=%r", adapter.name, reason)

@@ -33,7 +33,8 @@ def apply_retention(store: Store, worker: WorkerConfig) -> dict[str, int]:
     """Delete what is past its retention; never a pending outbox row or a pending delivery."""
     now = now_ms()
     removed = {
-        "outbox": _delete_in_chunks(store, outbox, outbox.c.state == "done",
+        # Failed rows (set aside by the decoder) are kept as long as decoded ones, for inspection.
+        "outbox": _delete_in_chunks(store, outbox, outbox.c.state.in_(["done", "failed"]),
                                     outbox.c.received_at_ms < now - int(worker.outbox_retention_days * DAY_MS)),
         "delivered": _delete_in_chunks(store, deliveries, deliveries.c.state == "delivered",
                                        deliveries.c.finished_at_ms < now - int(worker.delivered_retention_days * DAY_MS)),

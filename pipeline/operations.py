@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 
 from pipeline.config import Config
 from pipeline.decoder import Decoder
@@ -90,7 +90,11 @@ def status(store: Store, config: Config) -> Status:
 def replay_deliveries(store: Store, destination: str, state: str = "dead", since_ms: int | None = None,
                       until_ms: int | None = None, message_type: str | None = None, dry_run: bool = False) -> int:
     """Put matching deliveries back to pending with fresh attempts; return how many."""
+    now = now_ms()
     conditions = [deliveries.c.destination == destination, deliveries.c.state == state]
+    if state == "pending":
+        # Never reset a delivery a worker holds: its result would be lost and the event sent twice.
+        conditions.append(or_(deliveries.c.locked_until_ms.is_(None), deliveries.c.locked_until_ms < now))
     event_conditions = []
     if since_ms is not None:
         event_conditions.append(events.c.received_at_ms >= since_ms)
@@ -103,22 +107,25 @@ def replay_deliveries(store: Store, destination: str, state: str = "dead", since
     with store.engine.begin() as conn:
         if dry_run:
             return conn.execute(select(func.count()).select_from(deliveries).where(*conditions)).scalar_one()
-        now = now_ms()
         return conn.execute(update(deliveries).where(*conditions).values(
             state="pending", attempts=0, created_at_ms=now, next_attempt_at_ms=now, locked_until_ms=None,
             locked_by=None, finished_at_ms=None)).rowcount
 
 
 def replay_outbox(store: Store, config: Config, destination: str, since_ms: int, until_ms: int | None = None,
-                  dry_run: bool = False, rows_per_transaction: int = 100) -> int:
+                  message_type: str | None = None, dry_run: bool = False, rows_per_transaction: int = 100) -> int:
     """Decode stored raw requests again and deliver their events to ``destination`` (a
-    backfill); deduplication does not stop it. Returns the number of deliveries planned."""
+    backfill); deduplication does not stop it. Returns the number of deliveries planned.
+
+    Only rows the worker has already decoded (``done``) are replayed: a pending row is the
+    worker's to decode for every destination, and replaying it first would make its events
+    look like duplicates to that decode."""
     decoder = Decoder(store, config)
     planned, after_id = 0, 0
     while True:
         query = (select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body, outbox.c.remote_addr,
                         outbox.c.auth_key, outbox.c.override_key)
-                 .where(outbox.c.id > after_id, outbox.c.received_at_ms >= since_ms)
+                 .where(outbox.c.id > after_id, outbox.c.state == "done", outbox.c.received_at_ms >= since_ms)
                  .order_by(outbox.c.id).limit(rows_per_transaction))
         if until_ms is not None:
             query = query.where(outbox.c.received_at_ms < until_ms)
@@ -129,6 +136,7 @@ def replay_outbox(store: Store, config: Config, destination: str, since_ms: int,
         after_id = requests[-1].id
         if dry_run:
             planned += sum(1 for r in requests for e in decoder.expand(r).events
-                           if destination in decoder.router.destinations_for(e.source, e.payload))
+                           if (message_type is None or e.type == message_type)
+                           and destination in decoder.router.destinations_for(e.source, e.payload))
         else:
-            planned += decoder.replay_requests(requests, destination).deliveries
+            planned += decoder.replay_requests(requests, destination, message_type).deliveries

@@ -37,7 +37,8 @@ class BackoffPolicy:
 
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (1-based): full jitter."""
-        ceiling = min(self.max_seconds, self.initial_seconds * 2 ** max(attempts - 1, 0))
+        # The exponent is capped: 2**64 seconds is past any max_seconds, and 2.0**1024 overflows.
+        ceiling = min(self.max_seconds, self.initial_seconds * 2.0 ** min(max(attempts - 1, 0), 64))
         return (rng or random).uniform(0, ceiling)
 
     def decide(self, outcome: Outcome, attempts: int, created_at_ms: int, now_ms: int,

@@ -48,13 +48,18 @@ def create_store_engine(config: DatabaseConfig) -> Engine:
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(url, config)
     if url.get_backend_name() == "postgresql":
+        timeout_ms = int(config.lock_timeout_seconds * 1000)
         return create_engine(
             url,
             pool_pre_ping=True,
             pool_size=4,
             max_overflow=4,
             pool_timeout=config.lock_timeout_seconds,
-            connect_args={"connect_timeout": max(1, int(config.lock_timeout_seconds))},
+            # Errors carry no statement parameters: they hold event bodies and write keys.
+            hide_parameters=True,
+            connect_args={"connect_timeout": max(1, int(config.lock_timeout_seconds)),
+                          # A write blocked on a lock fails (-> 503) instead of waiting forever.
+                          "options": f"-c lock_timeout={timeout_ms}"},
         )
     raise ValueError(f"unsupported database URL scheme {url.drivername!r}: use sqlite:/// or postgresql://")
 
@@ -66,6 +71,7 @@ def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
     # up front, waiting up to the timeout); read-only work passes execution_options(readonly=True).
     engine = create_engine(
         url,
+        hide_parameters=True,
         connect_args={"timeout": config.lock_timeout_seconds, "check_same_thread": False},
     )
     synchronous = config.sqlite_synchronous

@@ -13,12 +13,14 @@ import asyncio
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import Config
 from pipeline.decoder import Decoder
@@ -27,7 +29,7 @@ from pipeline.destinations.base import Destination
 from pipeline.destinations.registry import destination_type
 from pipeline.maintenance import apply_retention, checkpoint_wal
 from pipeline.queue import DeliveryQueue
-from pipeline.store import Store, normalise_url
+from pipeline.store import Store, is_unavailable, normalise_url, short_error
 from pipeline.wakeup import start_listener
 
 log = logging.getLogger("trackrelay.worker")
@@ -62,6 +64,7 @@ class Worker:
         self._listener: Any = None
         self._active_jobs: set[str] = set()
         self._wanted_again: set[str] = set()
+        self._failing: dict[str, tuple[str, float]] = {}
 
     def stopping(self) -> bool:
         return self._stopping
@@ -80,11 +83,17 @@ class Worker:
             adapter = destination_type(dest.type)(dest.name, dest.options, dest.batch_size)
             await adapter.start()
             self.adapters[dest.name] = adapter
+            problem = await adapter.check()
+            if problem:
+                log.warning("event=destination_unhealthy destination=%s problem=%r", dest.name, problem[:300])
             self.runners[dest.name] = DestinationRunner(dest, adapter, self.queue, self.config.worker.lease_seconds)
         self._schedule()
         # The receiver signals each commit, so new events do not wait for the next poll.
         self._listener = start_listener(self.config.database.url, lambda: self.wake("decode"))
         log.info("event=started role=worker destinations=%s", ",".join(self.adapters) or "none")
+        if not self.adapters:
+            log.warning("event=no_destinations detail='events are stored and decoded but go nowhere: "
+                        "add [[destinations]] to the config'")
 
     def _take_sqlite_lock(self) -> None:
         path = sqlite_lock_path(self.config.database.url)
@@ -128,6 +137,9 @@ class Worker:
                     # A wake-up that came while we ran may be for work we did not see.
                     if job_id not in self._wanted_again or self._stopping:
                         break
+                self._failing.pop(job_id, None)
+            except Exception as exc:
+                self._job_failed(job_id, exc)
             finally:
                 self._active_jobs.discard(job_id)
                 self._running.discard(task)
@@ -135,6 +147,20 @@ class Worker:
         self.scheduler.add_job(tracked, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True,
                                misfire_grace_time=None,
                                next_run_time=datetime.now(timezone.utc) if first_run_now else None)
+
+    def _job_failed(self, job_id: str, exc: Exception) -> None:
+        """One structured line per job and problem, repeated at most every 30 s, instead of a
+        traceback on every 0.1 s tick while a database is away."""
+        error = short_error(exc)
+        now = time.monotonic()
+        last = self._failing.get(job_id)
+        if last is not None and last[0] == error and now - last[1] < 30:
+            return
+        self._failing[job_id] = (error, now)
+        if isinstance(exc, SQLAlchemyError) and is_unavailable(exc):
+            log.warning("event=job_failed job=%s cause=database_unavailable error=%r", job_id, error)
+        else:
+            log.error("event=job_failed job=%s error=%r", job_id, error, exc_info=exc)
 
     def wake(self, job_id: str) -> None:
         """Run a job now instead of at its next tick; if it is running, once more when it ends."""

@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                             "re-decode stored raw requests for a destination",
                             description="Times (--since/--until) are ISO-8601 or durations back from now: 90m, 2h, 3d.")
     replay.add_argument("--destination", required=True, metavar="NAME")
-    replay.add_argument("--state", choices=["dead", "delivered", "pending"], default="dead",
-                        help="which deliveries to put back to pending (default dead)")
+    replay.add_argument("--state", choices=["dead", "delivered", "pending"],
+                        help="which deliveries to put back to pending with fresh attempts: dead (default), "
+                        "delivered (send again), pending (retry now; in-flight ones are left alone)")
     replay.add_argument("--since", metavar="T")
     replay.add_argument("--until", metavar="T")
     replay.add_argument("--type", choices=list(MESSAGE_TYPES), metavar="TYPE", help="only this message type")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -50,7 +51,7 @@ class ApiHandler(RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         if status == 503:
-            self.set_header("Retry-After", str(self.ctx.config.receiver.retry_after_seconds))
+            self.set_header("Retry-After", str(math.ceil(self.ctx.config.receiver.retry_after_seconds)))
         self.finish(orjson.dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:

@@ -47,18 +47,18 @@ def replay_command(config: Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"trackrelay: replay: {exc}", file=sys.stderr)
         return 2
+    if args.from_outbox and (since is None or args.state is not None):
+        print("trackrelay: replay: --from-outbox needs --since and takes no --state", file=sys.stderr)
+        return 2
     store = Store.open(config.database)
     try:
         if args.from_outbox:
-            if since is None:
-                print("trackrelay: replay: --from-outbox needs --since", file=sys.stderr)
-                return 2
-            count = replay_outbox(store, config, args.destination, since, until, dry_run=args.dry_run)
+            count = replay_outbox(store, config, args.destination, since, until, args.type, dry_run=args.dry_run)
             what = "events from the outbox"
         else:
-            count = replay_deliveries(store, args.destination, args.state, since, until, args.type,
-                                      dry_run=args.dry_run)
-            what = f"{args.state} deliveries"
+            state = args.state or "dead"
+            count = replay_deliveries(store, args.destination, state, since, until, args.type, dry_run=args.dry_run)
+            what = f"{state} deliveries"
     finally:
         store.dispose()
     verb = "would replay" if args.dry_run else "replayed"

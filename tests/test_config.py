@@ -145,8 +145,8 @@ ERRORS = {
     "env_bool": (None, {"TRACKRELAY_RECEIVER_TRUST_FORWARDED_HEADERS": "maybe"},
                  "TRACKRELAY_RECEIVER_TRUST_FORWARDED_HEADERS: expected true or false, got 'maybe'"),
     "string_list": ('[receiver]\ncors_origins = "https://a.example"\n', None,
-                    "[receiver] cors_origins: expected a list of strings, got 'https://a.example'"),
-    "url_number": ("[database]\nurl = 5\n", None, "[database] url: expected a string, got 5"),
+                    "[receiver] cors_origins: expected a list of strings, got str"),
+    "url_number": ("[database]\nurl = 5\n", None, "[database] url: expected a string, got int"),
     "negative": ("[receiver]\nmax_batch_bytes = -1\n", None, "[receiver] max_batch_bytes: must not be negative"),
     "env_negative": (None, {"TRACKRELAY_DATABASE_LOCK_TIMEOUT_SECONDS": "-2"},
                      "TRACKRELAY_DATABASE_LOCK_TIMEOUT_SECONDS: must not be negative"),
@@ -222,3 +222,19 @@ def test_a_bad_file_value_fails_even_where_the_environment_or_a_flag_overrides_i
     assert error_of(tmp_path, text, {"TRACKRELAY_RECEIVER_PORT": "9000"}) == \
         "[receiver] port: expected an integer, got 'eighty'"
     assert error_of(tmp_path, text, receiver={"port": 9000}) == "[receiver] port: expected an integer, got 'eighty'"
+
+
+@pytest.mark.parametrize("value", ['"S3cretKey"', '["S3cretKey", 5]'])
+def test_a_malformed_write_key_list_is_never_echoed(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "trackrelay.toml"
+    path.write_text(f'[[sources]]\nname = "web"\nwrite_keys = {value}\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(path, env={})
+    assert "write_keys: expected a list of strings" in str(error.value)
+    assert "S3cretKey" not in str(error.value)
+
+
+def test_fractional_retry_after_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "trackrelay.toml"
+    path.write_text("[receiver]\nretry_after_seconds = 0.5\n")
+    assert load_config(path, env={}).receiver.retry_after_seconds == 0.5

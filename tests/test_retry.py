@@ -123,3 +123,10 @@ def test_the_last_error_is_truncated() -> None:
     assert all(d.error is not None and len(d.error) <= MAX_ERROR_CHARS for d in decisions)
     assert decisions[0].error == "x" * MAX_ERROR_CHARS
     assert decisions[2].error == ("rejected: " + huge)[:MAX_ERROR_CHARS]
+
+
+def test_a_huge_attempt_count_does_not_overflow_the_backoff() -> None:
+    policy = BackoffPolicy(max_attempts=100_000, initial_seconds=1.0, max_seconds=60.0, max_age_seconds=1e9)
+    decision = policy.decide(retry("HTTP 503"), 1100, created_at_ms=0, now_ms=1_000, rng=random.Random(1))
+    assert decision.state == PENDING
+    assert 1_000 <= decision.next_attempt_at_ms <= 61_000
