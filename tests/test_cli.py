@@ -217,3 +217,35 @@ def test_log_lines_never_hold_a_write_key(trackrelay: Callable[..., Trackrelay],
     assert "event=store_unavailable" in process.log
     for key in ("GoodKey4242", "WrongKey1717", "QueryKey3131", "PixelKey5353"):
         assert key not in process.log
+
+
+def test_run_stops_cleanly_on_sigint_to_its_process_group(trackrelay: Callable[..., Trackrelay],
+                                                          tmp_path: Path) -> None:
+    port = free_port()
+    process = trackrelay("run", "--port", str(port))
+    process.wait_ready(port)
+    process.wait_for_log(r"event=started role=worker")
+    assert post_track(port).status_code == 200
+
+    os.killpg(process.popen.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+
+    assert process.wait() == 0, process.log
+    assert re.search(r"level=INFO .*event=stopped role=receiver", process.log)
+    assert re.search(r"level=INFO .*event=stopped role=worker", process.log)
+    assert "Traceback" not in process.log and "KeyboardInterrupt" not in process.log
+    assert outbox_count(tmp_path / "trackrelay.db") == 1
+
+
+def test_serve_on_a_port_already_taken_exits_1_saying_so(trackrelay: Callable[..., Trackrelay]) -> None:
+    assert trackrelay("migrate").wait() == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        process = trackrelay("serve", "--port", str(port))
+
+        assert process.wait() == 1
+    assert re.search(r"^trackrelay: serve failed: .*Address already in use$", process.log, re.MULTILINE)
+    assert "event=failed command=serve" in process.log
+    assert "Traceback" not in process.log

@@ -238,3 +238,49 @@ def test_fractional_retry_after_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "trackrelay.toml"
     path.write_text("[receiver]\nretry_after_seconds = 0.5\n")
     assert load_config(path, env={}).receiver.retry_after_seconds == 0.5
+
+
+# --- [[destinations]] ------------------------------------------------------------------------------
+
+NULL_HOOK = '[[destinations]]\nname = "hook"\ntype = "null"\n'
+
+DESTINATION_ERRORS = {
+    "duplicate_name": (NULL_HOOK + NULL_HOOK, "[[destinations]] hook name: used twice"),
+    "source_lists_unknown_destination": (
+        NULL_HOOK + '[[sources]]\nname = "web"\nwrite_keys = ["k"]\ndestinations = ["hook", "nope"]\n',
+        "[[sources]] web destinations: no destination named 'nope' (configured: hook)"),
+    "claim_below_batch": (NULL_HOOK + "batch_size = 50\nclaim_size = 10\n",
+                          "[[destinations]] hook claim_size: must be at least batch_size"),
+    "bad_type_filter": (NULL_HOOK + 'types = ["track", "click"]\n',
+                        ("[[destinations]] hook types: 'click' is not one of identify, track, page, screen, "
+                         "group, alias")),
+    "adapter_refuses_url": ('[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = "ftp://x"\n',
+                            ("[[destinations]] hook: destination 'hook': url must be an http:// or https:// URL, "
+                             "got 'ftp://x'")),
+    "missing_required_option": ('[[destinations]]\nname = "hook"\ntype = "webhook"\n',
+                                "[[destinations]] hook url: required"),
+    "missing_type": ('[[destinations]]\nname = "hook"\n',
+                     "[[destinations]] hook type: required, the name of an installed destination type"),
+}
+
+
+@pytest.mark.parametrize("text,message", DESTINATION_ERRORS.values(), ids=DESTINATION_ERRORS.keys())
+def test_destination_errors_name_the_destination_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    assert error_of(tmp_path, text) == message
+
+
+def test_an_unknown_destination_type_names_the_installed_ones(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[[destinations]]\nname = "hook"\ntype = "carrier-pigeon"\n')
+
+    prefix = "[[destinations]] hook type: unknown destination type 'carrier-pigeon' (installed: "
+    assert message.startswith(prefix) and message.endswith(")")
+    installed = message[len(prefix):-1].split(", ")
+    assert {"webhook", "segment", "file", "database", "log", "null"} <= set(installed)
+    assert installed == sorted(installed)
+
+
+def test_fractional_retry_seconds_are_accepted_for_a_destination(tmp_path: Path) -> None:
+    config = load(tmp_path, NULL_HOOK + "retry_initial_seconds = 0.05\nretry_max_seconds = 0.2\n")
+
+    (hook,) = config.destinations
+    assert (hook.name, hook.type, hook.retry_initial_seconds, hook.retry_max_seconds) == ("hook", "null", 0.05, 0.2)

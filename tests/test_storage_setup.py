@@ -1,0 +1,65 @@
+"""How pipeline.store sets up its connections (SQLite pragmas, the Postgres lock timeout), and
+that the pipeline and its migrations never import the receiver."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from pipeline.config import DatabaseConfig
+from pipeline.store import create_store_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sqlite_pragmas(url: str, **settings: object) -> tuple[str, int, int]:
+    engine = create_store_engine(DatabaseConfig(url=url, **settings))  # type: ignore[arg-type]
+    try:
+        with engine.connect() as conn:
+            return (conn.exec_driver_sql("PRAGMA journal_mode").scalar_one(),
+                    conn.exec_driver_sql("PRAGMA synchronous").scalar_one(),
+                    conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_connections_use_wal_and_fsync_every_commit_by_default(tmp_path: Path) -> None:
+    assert sqlite_pragmas(f"sqlite:///{tmp_path / 'a.db'}") == ("wal", 2, 5000)
+
+
+def test_sqlite_synchronous_normal_and_the_lock_timeout_are_applied(tmp_path: Path) -> None:
+    assert sqlite_pragmas(f"sqlite:///{tmp_path / 'a.db'}", sqlite_synchronous="NORMAL",
+                          lock_timeout_seconds=0.25) == ("wal", 1, 250)
+
+
+@pytest.mark.postgres
+def test_postgres_connections_fail_a_blocked_lock_after_the_lock_timeout(postgres_url: str) -> None:
+    engine = create_store_engine(DatabaseConfig(url=postgres_url, lock_timeout_seconds=1.5))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT current_setting('lock_timeout')")).scalar_one() == "1500ms"
+    finally:
+        engine.dispose()
+
+
+def imported_modules(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_no_module_of_the_pipeline_or_the_migrations_imports_the_receiver() -> None:
+    files = sorted((ROOT / "pipeline").rglob("*.py")) + sorted((ROOT / "migrations").rglob("*.py"))
+    assert len(files) > 20  # the walk found the packages
+
+    offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path)
+                                                     if m == "receiver" or m.startswith("receiver."))
+                 for path in files}
+    assert {path: mods for path, mods in offenders.items() if mods} == {}
