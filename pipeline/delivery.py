@@ -25,8 +25,19 @@ class DestinationRunner:
         self.policy = BackoffPolicy.for_destination(config)
         self.lease_ms = int(lease_seconds * 1000)
 
+    @property
+    def lanes(self) -> int:
+        """Claim loops run side by side: enough batches in hand to keep every one of the
+        adapter's concurrent requests busy, while each claim stays ``claim_size`` rows."""
+        wanted = self.adapter.parallelism * self.config.batch_size
+        return max(1, -(-wanted // self.config.claim_size))
+
     async def drain(self, stopping: Callable[[], bool]) -> int:
         """Deliver due events until none is left (or the worker stops); return how many were tried."""
+        counts = await asyncio.gather(*(self._drain_lane(stopping) for _ in range(self.lanes)))
+        return sum(counts)
+
+    async def _drain_lane(self, stopping: Callable[[], bool]) -> int:
         tried = 0
         while not stopping():
             claimed = await asyncio.to_thread(self.queue.claim, self.config.name, self.config.claim_size,

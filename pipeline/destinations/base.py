@@ -65,6 +65,12 @@ class Destination:
         self.options = options
         self.batch_size = batch_size
 
+    @property
+    def parallelism(self) -> int:
+        """How many deliver() calls this adapter can usefully have in flight at once (an HTTP
+        adapter's connection count); the worker claims enough to keep them all busy."""
+        return 1
+
     async def start(self) -> None:
         """Open connections, files, pools. Called once before the first ``deliver``."""
 

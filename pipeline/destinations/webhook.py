@@ -52,6 +52,10 @@ class WebhookDestination(Destination):
     Options = WebhookOptions
     default_batch_size = 1
 
+    @property
+    def parallelism(self) -> int:
+        return self.options.concurrency
+
     def __init__(self, name: str, options: WebhookOptions, batch_size: int) -> None:
         super().__init__(name, options, batch_size)
         if batch_size < 1 or options.concurrency < 1 or options.timeout_seconds <= 0:
