@@ -29,11 +29,6 @@ class _Pending:
         self.table, self.row, self.future = table, row, future
 
 
-def _expire(future: asyncio.Future[None], timeout: float) -> None:
-    if not future.done():
-        future.set_exception(StoreUnavailable(f"no commit within {timeout:g} s"))
-
-
 class GroupCommitter:
     """Queue rows from the event loop; one writer thread commits them in groups."""
 
@@ -46,30 +41,42 @@ class GroupCommitter:
         self._timeout = timeout
         self._queue: list[_Pending] = []
         self._writing: asyncio.Future[None] | None = None
+        self._group: list[_Pending] = []
+        self._watchdog: asyncio.TimerHandle | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trackrelay-commit")
 
     async def commit(self, table: str, row: Row) -> None:
         """Return once ``row`` is committed; raise StoreUnavailable if it could not be.
 
-        Waiting is bounded: a database that hangs becomes a 503 after ``timeout`` seconds (the
-        row may still land later; a client's resend is then deduplicated by messageId).
+        Waiting is bounded: a commit that hangs becomes a 503 for everyone waiting on it after
+        ``timeout`` seconds (see :meth:`_stalled`).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._queue.append(_Pending(table, row, future))
         if self._writing is None:
             self._write_next(loop)
-        # A timer handle, not wait_for(): no extra task per request on the hot path.
-        timer = loop.call_later(self._timeout, _expire, future, self._timeout)
-        try:
-            await future
-        finally:
-            timer.cancel()
+        await future
 
     def _write_next(self, loop: asyncio.AbstractEventLoop) -> None:
         group, self._queue = self._queue[: self._max_rows], self._queue[self._max_rows:]
+        self._group = group
         self._writing = loop.run_in_executor(self._executor, self._write, group)
         self._writing.add_done_callback(lambda done: self._settle(loop, group, done))
+        # One watchdog per commit, not a timer per request: the hot path stays lean.
+        self._watchdog = loop.call_later(self._timeout, self._stalled, loop)
+
+    def _stalled(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The commit in flight has not returned within the timeout: answer everyone waiting
+        503 (the rows in flight may still land; a client's resend is deduplicated by messageId)
+        and drop the queue, which would only wait behind it."""
+        error = StoreUnavailable(f"no commit within {self._timeout:g} s")
+        waiting, self._queue = self._group + self._queue, []
+        for pending in waiting:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        log.warning("event=commit_stalled timeout=%g waiting=%d", self._timeout, len(waiting))
+        self._watchdog = loop.call_later(self._timeout, self._stalled, loop)
 
     def _write(self, group: list[_Pending]) -> list[BaseException | None]:
         """On the writer thread: one transaction for the group, or row by row if one is bad."""
@@ -105,6 +112,10 @@ class GroupCommitter:
             else:
                 pending.future.set_exception(outcome)
         self._writing = None
+        self._group = []
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._queue:
             self._write_next(loop)
 

@@ -21,6 +21,8 @@ from receiver.cors import cors_headers
 
 log = logging.getLogger("trackrelay.receiver")
 
+SUCCESS_BYTES = orjson.dumps(SUCCESS)
+
 # Compressed bodies may be a little larger than what they inflate to (headers, stored
 # blocks); this much slack keeps Content-Length from refusing a body that fits once inflated.
 COMPRESSED_SLACK = 1024
@@ -48,11 +50,12 @@ class ApiHandler(RequestHandler):
         self.finish()
 
     def answer(self, status: int, body: dict[str, Any]) -> None:
-        self.set_status(status)
+        if status != 200:
+            self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         if status == 503:
             self.set_header("Retry-After", str(math.ceil(self.ctx.config.receiver.retry_after_seconds)))
-        self.finish(orjson.dumps(body))
+        self.finish(SUCCESS_BYTES if body is SUCCESS else orjson.dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Tornado's own errors (404, 405, unexpected exceptions) in the same JSON shape.

@@ -10,6 +10,7 @@ from socket import socket
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from pipeline import loop as event_loop
 from pipeline.config import Config
 from pipeline.migrate import current_revision, head_revision, upgrade
 from pipeline.store import Store
@@ -81,7 +82,7 @@ def run_receiver(config: Config, sockets: list[socket]) -> int:
         await serve_until(config, sockets, stop)
         return 0
 
-    return asyncio.run(until_signalled())
+    return event_loop.run(until_signalled())
 
 
 async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event) -> None:
