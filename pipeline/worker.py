@@ -22,6 +22,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline import loop as event_loop
 from pipeline.config import Config
 from pipeline.decoder import Decoder
 from pipeline.delivery import DestinationRunner
@@ -178,7 +179,7 @@ class Worker:
             if result.deliveries:
                 for name in self.runners:
                     self.wake(f"deliver:{name}")
-            if result.rows < self.config.worker.decode_batch_rows:
+            if not result.more:
                 return
 
     def _deliverer(self, runner: DestinationRunner) -> Callable[[], Awaitable[Any]]:
@@ -247,7 +248,7 @@ def run_worker(config: Config) -> int:
         await run_worker_until(config, stop)
 
     try:
-        asyncio.run(main())
+        event_loop.run(main())
     except WorkerLocked as exc:
         log.error("event=worker_refused error=%r", str(exc))
         return 1
