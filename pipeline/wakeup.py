@@ -1,8 +1,8 @@
 """Waking the worker when the receiver commits, across processes, so events do not wait for
 the next poll (two 0.1 s polls in a row would put the median latency near 100 ms).
 
-- Postgres: the receiver's commit transaction runs ``pg_notify`` (delivered at commit); the
-  worker LISTENs on a dedicated connection.
+- Postgres: a statement trigger on ``outbox`` (migration 0003) runs ``pg_notify``, delivered
+  when the receiver's transaction commits; the worker LISTENs on a dedicated connection.
 - SQLite: after a commit the receiver sends one datagram to a Unix socket in the abstract
   namespace named after the database file; the worker is bound to it.
 
