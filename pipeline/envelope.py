@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -41,9 +41,9 @@ class Envelope:
         return key if isinstance(key, str) and key else None
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """One message's fate: accepted for ``source``, or refused with ``problem``."""
+class Verdict(NamedTuple):
+    """One message's fate: accepted for ``source``, or refused with ``problem``.
+    (A tuple: one is made per message of every request.)"""
 
     index: int
     problem: Problem | None
@@ -88,6 +88,9 @@ def judge(envelope: Envelope, *, route_type: str | None, override_key: str | Non
     # A message inside a batch is measured as its compact JSON; when the whole body is under
     # the limit no message can be over it, and we skip re-serialising.
     measure = envelope.is_batch and body_size > max_message_bytes
+    # Most requests carry one key for all their messages: look each distinct key up once.
+    known: dict[str | None, str | None] = {}
+    batch_key = envelope.batch_key
     for index, message in enumerate(envelope.items):
         problem = validate_message(message, route_type)
         if problem is None and measure:
@@ -97,8 +100,11 @@ def judge(envelope: Envelope, *, route_type: str | None, override_key: str | Non
                                   f"message is {size} bytes, the limit is {max_message_bytes}", status=413)
         source = None
         if problem is None:
-            key = message_write_key(message, override_key, envelope.batch_key, auth_key)
-            source = source_for(key)
+            key = message_write_key(message, override_key, batch_key, auth_key)
+            if key in known:
+                source = known[key]
+            else:
+                source = known[key] = source_for(key)
             if source is None:
                 problem = Problem("invalid_write_key", INVALID_WRITE_KEY)
         verdicts.append(Verdict(index, problem, source))
