@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Iterator
 from importlib.metadata import version
 from typing import Any
@@ -112,6 +113,15 @@ def test_custom_headers_arrive_and_may_replace_the_defaults(sink: HttpSink) -> N
     assert {name: request.headers[name] for name in ("Authorization", "X-Tenant", "User-Agent", "Content-Type")} == {
         "Authorization": "Bearer s3cret", "X-Tenant": "t-1", "User-Agent": "custom/1",
         "Content-Type": "application/json"}
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(sink: HttpSink) -> None:
+    url = sink.url.replace("http://", "http://ann:p%40ss@") + "/in?tenant=1"
+
+    assert deliver(url, contract_events(1)) == [DELIVERED]
+    [request] = sink.requests
+    assert (request.path, request.headers["Authorization"], request.headers["Host"]) == (
+        "/in", "Basic " + base64.b64encode(b"ann:p@ss").decode(), sink.url.removeprefix("http://"))
 
 
 @pytest.mark.parametrize("headers", [{"X-Tenant": "ü"}, {"X-Tenant": "a\r\nX-Evil: 1"}, {"Bad Name": "v"}])

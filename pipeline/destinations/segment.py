@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import httpx
 import orjson
 
 from pipeline.destinations.base import DELIVERED, Event, Outcome, rejected, retry
 from pipeline.destinations.http import BODY_EXCERPT_CHARS, outcome_for_status
+from pipeline.destinations.httpclient import Response
 from pipeline.destinations.webhook import WebhookDestination
 from pipeline.normalise import iso_ms
 
@@ -85,7 +85,7 @@ class SegmentDestination(WebhookDestination):
             return body, {}
         return await asyncio.to_thread(gzip.compress, body, 6), {"Content-Encoding": "gzip"}
 
-    def outcomes(self, chunk: Sequence[Event], response: httpx.Response) -> list[Outcome]:
+    def outcomes(self, chunk: Sequence[Event], response: Response) -> list[Outcome]:
         status = response.status_code
         outcome = outcome_for_status(status, response.headers, response.text)
         if outcome.kind == "retry":

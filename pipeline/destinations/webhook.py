@@ -8,6 +8,7 @@ in flight at once, however many chunks a ``deliver`` call holds.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import orjson
 
 from pipeline.destinations.base import Destination, Event, Outcome, rejected
 from pipeline.destinations.http import outcome_for_exception, outcome_for_status
+from pipeline.destinations.httpclient import HttpClient, HttpError, Response
 
 
 # What an HTTP/1.1 header can carry (RFC 9110 token; visible ASCII and spaces). Refused at
@@ -71,7 +73,9 @@ class WebhookDestination(Destination):
             if not HEADER_NAME.fullmatch(header) or not HEADER_VALUE.fullmatch(value):
                 raise ValueError(f"destination {name!r}: header {header!r} must be a token with a "
                                  "printable ASCII value")
-        self._client: httpx.AsyncClient | None = None
+        self._url = url
+        self._client: HttpClient | None = None
+        self._head = b""
         self._slots: asyncio.Semaphore | None = None
 
     def endpoint(self) -> str:
@@ -86,18 +90,25 @@ class WebhookDestination(Destination):
         body = chunk[0] if self.batch_size == 1 else {"batch": list(chunk)}
         return orjson.dumps(body), {}
 
-    def outcomes(self, chunk: Sequence[Event], response: httpx.Response) -> list[Outcome]:
+    def outcomes(self, chunk: Sequence[Event], response: Response) -> list[Outcome]:
         """One outcome per event of ``chunk`` from the answer to its request."""
         outcome = outcome_for_status(response.status_code, response.headers, response.text)
         return [outcome] * len(chunk)
 
     async def start(self) -> None:
-        concurrency = self.options.concurrency
-        headers = httpx.Headers({"Content-Type": "application/json", "User-Agent": user_agent()})
-        headers.update(self.client_headers())
-        self._client = httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(self.options.timeout_seconds),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+        concurrency, url = self.options.concurrency, self._url
+        self._client = HttpClient(url.scheme, url.raw_host.decode("ascii"), url.port,
+                                  timeout=self.options.timeout_seconds, pool_size=concurrency)
+        headers = {"host": ("Host", self._client.authority),
+                   "content-type": ("Content-Type", "application/json"),
+                   "user-agent": ("User-Agent", user_agent())}
+        if url.userinfo:  # http://user:password@host/: Basic auth, as httpx did
+            token = base64.b64encode(f"{url.username}:{url.password}".encode()).decode("ascii")
+            headers["authorization"] = ("Authorization", f"Basic {token}")
+        headers.update({name.lower(): (name, value) for name, value in self.client_headers().items()})
+        lines = [b"POST " + url.raw_path + b" HTTP/1.1"]
+        lines += [f"{name}: {value}".encode("ascii") for name, value in headers.values()]
+        self._head = b"\r\n".join(lines) + b"\r\n"  # each request adds its own headers and the length
         self._slots = asyncio.Semaphore(concurrency)
 
     async def close(self) -> None:
@@ -118,9 +129,11 @@ class WebhookDestination(Destination):
             content, headers = await self.encode(chunk)
         except TypeError as exc:  # orjson.JSONEncodeError: not JSON, and never will be
             return [rejected(f"cannot encode as JSON: {exc}")] * len(chunk)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("ascii")
+        request = b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, extra, len(content), content)
         async with self._slots:
             try:
-                response = await self._client.post(self.endpoint(), content=content, headers=headers)
-            except httpx.RequestError as exc:
+                response = await self._client.send(request)
+            except HttpError as exc:
                 return [outcome_for_exception(exc)] * len(chunk)
         return self.outcomes(chunk, response)
