@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -19,6 +19,8 @@ from pipeline.sources import SourceRegistry
 
 # Fixed forever: changing it would give stored requests new ids and defeat deduplication.
 MESSAGE_ID_NAMESPACE = uuid.UUID("6f1c7a52-5b0e-4f7e-9a38-1d3c2b8e4a10")
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+ZERO = timedelta(0)
 
 
 @dataclass(frozen=True)
@@ -77,22 +79,25 @@ def expand(request: StoredRequest, sources: SourceRegistry, *, max_message_bytes
                      auth_key=request.auth_key, source_for=sources.source_for,
                      max_message_bytes=max_message_bytes, body_size=len(request.body))
     events, refused = [], []
+    times = Times(request.received_at_ms)
     for verdict in verdicts:
         message = envelope.items[verdict.index]
         if verdict.problem is not None or verdict.source is None:
             problem = verdict.problem or Problem("invalid_write_key", "Invalid or missing writekey")
             refused.append(RefusedMessage(verdict.index, problem, orjson.dumps(message)))
             continue
-        payload = normalise(message, envelope, request, verdict.index, route_type, add_context_ip)
+        payload = normalise(message, envelope, request, verdict.index, route_type, add_context_ip, times)
         events.append(DecodedEvent(verdict.source, payload["messageId"], payload["type"],
                                    payload.get("event") if payload["type"] == "track" else None, payload))
     return Expansion(events, refused)
 
 
 def normalise(message: dict[str, Any], envelope: Envelope, request: StoredRequest, index: int,
-              route_type: str | None, add_context_ip: bool) -> dict[str, Any]:
+              route_type: str | None, add_context_ip: bool, times: Times | None = None) -> dict[str, Any]:
+    """The delivered form of ``message``. It is changed in place and returned: the envelope's
+    items are parsed for this expansion alone."""
     batch = envelope.batch
-    event = dict(message)
+    event = message
     event["type"] = message_type(message, route_type)
     event.pop("writeKey", None)  # a credential: never delivered downstream
     name = event.pop("eventName", None)
@@ -105,41 +110,65 @@ def normalise(message: dict[str, Any], envelope: Envelope, request: StoredReques
         context["ip"] = request.remote_addr
     event["context"] = context
     event["integrations"] = deep_merge(batch.get("integrations") or {}, message.get("integrations") or {})
-    event.update(event_times(message, batch, request.received_at_ms))
+    event.update((times or Times(request.received_at_ms)).of(message, batch))
     for key in ("originalTimestamp", "sentAt"):
         if event.get(key) is None:
             event.pop(key, None)
     return event
 
 
-def event_times(message: dict[str, Any], batch: dict[str, Any], received_at_ms: int) -> dict[str, str]:
-    """receivedAt, sentAt, originalTimestamp and the clock-skew corrected timestamp."""
-    received = datetime.fromtimestamp(received_at_ms / 1000, tz=timezone.utc)
-    sent_raw = message.get("sentAt") or batch.get("sentAt")
-    original_raw = message.get("timestamp") or message.get("originalTimestamp")
-    sent = parse_timestamp(sent_raw) if isinstance(sent_raw, str) else None
-    original = parse_timestamp(original_raw) if isinstance(original_raw, str) else None
-    timestamp = original or received
-    if original is not None and sent is not None:
+class Times:
+    """receivedAt, sentAt, originalTimestamp and the clock-skew corrected timestamp of the
+    messages of one request: receivedAt is formatted once, and each distinct time string (a
+    batch's sentAt is every message's) is parsed and formatted once."""
+
+    def __init__(self, received_at_ms: int) -> None:
+        # Integer arithmetic, exact: no float seconds.
+        self.received = EPOCH + timedelta(milliseconds=received_at_ms)
+        self.received_iso = iso_ms(self.received)
+        self._parsed: dict[str, tuple[datetime, str] | None] = {}
+
+    def _parse(self, raw: Any) -> tuple[datetime, str] | None:
+        if not isinstance(raw, str):
+            return None
+        try:
+            return self._parsed[raw]
+        except KeyError:
+            pass
+        moment = parse_timestamp(raw)
+        parsed = self._parsed[raw] = (moment, iso_ms(moment))
+        return parsed
+
+    def of(self, message: dict[str, Any], batch: dict[str, Any]) -> dict[str, str]:
+        sent = self._parse(message.get("sentAt") or batch.get("sentAt"))
+        original = self._parse(message.get("timestamp") or message.get("originalTimestamp"))
+        times = {"receivedAt": self.received_iso}
+        if original is None:
+            times["timestamp"] = self.received_iso
+            if sent is not None:
+                times["sentAt"] = sent[1]
+            return times
+        if sent is None:
+            times["timestamp"] = times["originalTimestamp"] = original[1]
+            return times
         try:
             # The device clock may be wrong; the time it took between the event and sending it
             # is not. Segment: timestamp = receivedAt - (sentAt - originalTimestamp).
-            timestamp = received - (sent - original)
+            times["timestamp"] = iso_ms(self.received - (sent[0] - original[0]))
         except OverflowError:
-            timestamp = original
-    times = {"receivedAt": iso_ms(received), "timestamp": iso_ms(timestamp)}
-    if original is not None:
-        times["originalTimestamp"] = iso_ms(original)
-    if sent is not None:
-        times["sentAt"] = iso_ms(sent)
-    return times
+            times["timestamp"] = original[1]
+        times["originalTimestamp"] = original[1]
+        times["sentAt"] = sent[1]
+        return times
 
 
 def iso_ms(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and Z: 2026-11-26T10:00:00.123Z."""
-    moment = moment.astimezone(timezone.utc)
-    # isoformat, not strftime: strftime("%Y") gives "999" for the year 999, not "0999".
-    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+    if moment.utcoffset() != ZERO:  # naive (local time) or another zone
+        moment = moment.astimezone(timezone.utc)
+    # isoformat, not strftime: strftime("%Y") gives "999" for the year 999, not "0999". Its
+    # first 23 characters are the date and time to the millisecond; then comes "+00:00".
+    return moment.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def deep_merge(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:

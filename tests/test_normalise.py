@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from pipeline.config import SourceConfig
-from pipeline.normalise import MESSAGE_ID_NAMESPACE, DecodedEvent, Expansion, StoredRequest, expand
+from pipeline.normalise import MESSAGE_ID_NAMESPACE, DecodedEvent, Expansion, StoredRequest, expand, iso_ms
 from pipeline.sources import SourceRegistry
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -244,6 +244,24 @@ def test_years_before_1000_keep_four_digits() -> None:
 
     assert event.payload["originalTimestamp"] == "0999-01-02T03:04:05.006Z"
     assert event.payload["timestamp"] == "0999-01-02T03:04:05.006Z"
+
+
+def test_iso_ms_converts_other_zones_to_utc_and_truncates_to_milliseconds() -> None:
+    plus_two = timezone(timedelta(hours=2))
+
+    assert iso_ms(datetime(2026, 11, 26, 12, 0, 0, 999999, tzinfo=plus_two)) == "2026-11-26T10:00:00.999Z"
+    assert iso_ms(datetime(2026, 11, 26, 10, 0, 0, tzinfo=timezone.utc)) == "2026-11-26T10:00:00.000Z"
+    assert iso_ms(datetime(999, 1, 2, 3, 4, 5, 6000, tzinfo=timezone.utc)) == "0999-01-02T03:04:05.006Z"
+
+
+def test_messages_sharing_a_batch_sent_at_each_get_their_own_corrected_timestamp() -> None:
+    body = {"batch": [track(timestamp="2026-11-26T09:59:00.000Z"), track(timestamp="2026-11-26T09:59:30.000Z")],
+            "sentAt": "2026-11-26T10:00:00.000Z"}
+
+    events = run(stored(body)).events
+
+    assert [e.payload["timestamp"] for e in events] == ["2026-11-26T09:59:00.500Z", "2026-11-26T09:59:30.500Z"]
+    assert [e.payload["sentAt"] for e in events] == ["2026-11-26T10:00:00.000Z"] * 2
 
 
 def test_a_timestamp_out_of_range_once_in_utc_is_refused_not_raised() -> None:
