@@ -67,6 +67,9 @@ class WorkerConfig:
     poll_interval_seconds: float = 0.1
     # Outbox rows decoded per transaction: short, so the receiver's commits never wait long.
     decode_batch_rows: int = 100
+    # Events (and refused messages) expanded per decode transaction, however many rows that
+    # takes: bounds the worker's memory when rows are big batches.
+    decode_batch_events: int = 2000
     # A claimed delivery is leased this long (renewed while its batch is in flight); a crashed
     # worker's claims come back after it. Longer than any adapter timeout.
     lease_seconds: float = 30.0

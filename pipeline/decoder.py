@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection, select, tuple_, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline.config import Config
 from pipeline.normalise import DecodedEvent, Expansion, StoredRequest, expand
@@ -27,6 +26,19 @@ from pipeline.sources import SourceRegistry
 from pipeline.store import Store, is_unavailable, now_ms, short_error
 
 log = logging.getLogger("trackrelay.decoder")
+
+_EVENT_COLUMNS = "source, message_id, type, event_name, outbox_id, received_at_ms, payload"
+_SQLITE_INSERT_EVENTS = (f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT (source, message_id) DO NOTHING")
+# One statement per group whatever its size: the columns as arrays.
+_PG_INSERT_EVENTS = (f"INSERT INTO events ({_EVENT_COLUMNS}) "
+                     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], "
+                     "%s::bigint[], %s::bytea[]) "
+                     "ON CONFLICT (source, message_id) DO NOTHING RETURNING id, source, message_id")
+_DELIVERY_COLUMNS = "event_id, destination, state, attempts, created_at_ms, next_attempt_at_ms"
+_SQLITE_INSERT_DELIVERIES = f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES (?, ?, 'pending', 0, ?, ?)"
+_PG_INSERT_DELIVERIES = (f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) "
+                         "SELECT e, d, 'pending', 0, %s, %s FROM unnest(%s::bigint[], %s::text[]) AS t(e, d)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,8 @@ class DecodeResult:
     refused: int
     # The highest outbox id decoded: where a row-by-row pass goes on from. Not a figure.
     last_id: int = field(default=0, compare=False)
+    # Pending rows may remain: the call stopped at its row limit or its events budget.
+    more: bool = field(default=False, compare=False)
 
 
 class Decoder:
@@ -46,6 +60,9 @@ class Decoder:
         self.config = config
         self.sources = SourceRegistry(config.sources)
         self.router = Router(config.destinations, config.sources)
+        # Rows to read for the next group: about decode_batch_events worth, learnt from the
+        # events per row of the group before, so bodies beyond the budget are not read.
+        self._rows_hint: int | None = None
 
     def expand(self, request: StoredRequest) -> Expansion:
         return expand(request, self.sources, max_message_bytes=self.config.receiver.max_message_bytes,
@@ -77,12 +94,14 @@ class Decoder:
                 totals = _add(totals, DecodeResult(1, 0, 0, 0, 1))
                 continue
             if result.rows == 0:
-                break
+                return totals
             after_id = result.last_id
             totals = _add(totals, result)
-        return totals
+        return replace(totals, more=True)
 
     def _decode(self, limit: int, after_id: int | None) -> DecodeResult:
+        if self._rows_hint is not None:
+            limit = min(limit, self._rows_hint)
         query = (select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body,
                         outbox.c.remote_addr, outbox.c.auth_key, outbox.c.override_key)
                  .where(outbox.c.state == "pending").order_by(outbox.c.id).limit(limit))
@@ -96,20 +115,41 @@ class Decoder:
                 requests = [StoredRequest(**row._mapping) for row in conn.execute(query)]
             if not requests:
                 return DecodeResult(0, 0, 0, 0, 0)
-            expanded = [(r, self.expand(r)) for r in requests]
+            expanded, more = self._expand_within_budget(requests, limit)
+            del requests
             with self.store.engine.begin() as conn:
                 result = self._store_expansions(conn, expanded, only_destination=None)
-                self._mark(conn, requests, "done")
-            return result
+                self._mark(conn, [r for r, _ in expanded], "done")
+            return replace(result, more=more)
         with self.store.engine.begin() as conn:
             # Several workers may share a Postgres database: each takes rows nobody holds.
             requests = [StoredRequest(**row._mapping)
                         for row in conn.execute(query.with_for_update(skip_locked=True))]
             if not requests:
                 return DecodeResult(0, 0, 0, 0, 0)
-            result = self._store_expansions(conn, [(r, self.expand(r)) for r in requests], only_destination=None)
-            self._mark(conn, requests, "done")
-        return result
+            # Rows beyond the events budget stay pending (their lock ends with the commit).
+            expanded, more = self._expand_within_budget(requests, limit)
+            del requests
+            result = self._store_expansions(conn, expanded, only_destination=None)
+            self._mark(conn, [r for r, _ in expanded], "done")
+        return replace(result, more=more)
+
+    def _expand_within_budget(self, requests: list[StoredRequest], limit: int
+                              ) -> tuple[list[tuple[StoredRequest, Expansion]], bool]:
+        """Expand rows in order until decode_batch_events events (and refusals) are reached, so
+        a group of big batches does not hold tens of thousands of events in memory at once.
+        Returns the expanded rows and whether pending rows may remain."""
+        budget = self.config.worker.decode_batch_events
+        expanded, count = [], 0
+        for request in requests:
+            expansion = self.expand(request)
+            expanded.append((request, expansion))
+            count += len(expansion.events) + len(expansion.refused)
+            if count >= budget:
+                break
+        per_row = max(1, count // len(expanded))
+        self._rows_hint = max(1, -(-budget // per_row))  # rounded up
+        return expanded, len(expanded) < len(requests) or len(requests) >= limit
 
     def _set_aside_next(self, after_id: int, exc: BaseException) -> int:
         """Mark the next pending row after ``after_id`` failed, with a rejected record; return its id."""
@@ -165,10 +205,9 @@ class Decoder:
             seen.add(event_id)
             for name in self.router.destinations_for(event.source, event.payload):
                 if only_destination is None or name == only_destination:
-                    planned.append({"event_id": event_id, "destination": name, "state": "pending",
-                                    "attempts": 0, "created_at_ms": now, "next_attempt_at_ms": now})
+                    planned.append((event_id, name))
         if planned:
-            conn.execute(deliveries.insert(), planned)
+            self._insert_deliveries(conn, planned, now)
         if refused_rows:
             conn.execute(rejected.insert(), refused_rows)
         return DecodeResult(len(expanded), len(seen), len(decoded) - len(seen), len(planned), len(refused_rows),
@@ -176,17 +215,33 @@ class Decoder:
 
     def _insert_events(self, conn: Connection, decoded: list[tuple[StoredRequest, DecodedEvent]]
                        ) -> dict[tuple[str, str], int]:
+        """Insert the events; the ids of those stored now, by (source, message_id). A duplicate
+        (stored before, or twice in this group) gets no id.
+
+        Fixed statement texts through the driver: SQLAlchemy's multi-row VALUES would be new
+        SQL for every group, which the driver then converts again."""
         if not decoded:
             return {}
         # Postgres text cannot hold NUL: one such event name would fail every decode of its row.
-        rows = [{"source": e.source, "message_id": e.message_id, "type": e.type,
-                 "event_name": e.event_name.replace("\x00", "") if e.event_name else e.event_name,
-                 "outbox_id": r.id, "received_at_ms": r.received_at_ms, "payload": orjson.dumps(e.payload)}
-                for r, e in decoded]
-        insert = (postgresql.insert if self.store.backend == "postgresql" else sqlite.insert)(events)
-        statement = insert.on_conflict_do_nothing(index_elements=["source", "message_id"]).returning(
-            events.c.id, events.c.source, events.c.message_id)
-        return {(row.source, row.message_id): row.id for row in conn.execute(statement, rows)}
+        rows = [(e.source, e.message_id, e.type, e.event_name.replace("\x00", "") if e.event_name else e.event_name,
+                 r.id, r.received_at_ms, orjson.dumps(e.payload)) for r, e in decoded]
+        if self.store.backend == "postgresql":
+            columns = tuple(list(column) for column in zip(*rows))
+            return {(source, message_id): event_id
+                    for event_id, source, message_id in conn.exec_driver_sql(_PG_INSERT_EVENTS, columns)}
+        # SQLite: this transaction holds the write lock (BEGIN IMMEDIATE), so the rows with an
+        # id above the largest before the insert are exactly the ones it inserted.
+        before = conn.exec_driver_sql("SELECT coalesce(max(id), 0) FROM events").scalar_one()
+        conn.exec_driver_sql(_SQLITE_INSERT_EVENTS, rows)
+        return {(source, message_id): event_id for event_id, source, message_id in conn.exec_driver_sql(
+            "SELECT id, source, message_id FROM events WHERE id > ?", (before,))}
+
+    def _insert_deliveries(self, conn: Connection, planned: list[tuple[int, str]], now: int) -> None:
+        if self.store.backend == "postgresql":
+            event_ids, names = zip(*planned)
+            conn.exec_driver_sql(_PG_INSERT_DELIVERIES, (now, now, list(event_ids), list(names)))
+        else:
+            conn.exec_driver_sql(_SQLITE_INSERT_DELIVERIES, [(event_id, name, now, now) for event_id, name in planned])
 
     def _existing_ids(self, conn: Connection, wanted: Iterable[DecodedEvent]) -> dict[tuple[str, str], int]:
         keys = list({(e.source, e.message_id) for e in wanted})

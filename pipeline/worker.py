@@ -10,9 +10,11 @@ work runs on threads; the adapters' I/O on the event loop.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -39,6 +41,9 @@ log = logging.getLogger("trackrelay.worker")
 # ticks both would drown the log. Job exceptions are still logged (ERROR).
 for _name in ("apscheduler.executors.default", "apscheduler.scheduler"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
 class WorkerLocked(Exception):
@@ -236,9 +241,24 @@ async def run_worker_until(config: Config, stop: asyncio.Event) -> None:
         await worker.stop()
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and a
+    big decode group on a database thread leaves its arena's pages resident: two arenas keep
+    the worker's RSS near its live memory. Linux glibc only; elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_worker(config: Config) -> int:
     """The worker process: run until SIGINT/SIGTERM; return the exit status."""
     import signal
+
+    limit_malloc_arenas()
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -28,9 +28,10 @@ def destination(name: str, **settings: Any) -> DestinationConfig:
 
 
 def decoder(store: Store, *, sources: tuple[SourceConfig, ...] = (), decode_batch_rows: int = 100,
+            decode_batch_events: int = 2000,
             destinations: tuple[DestinationConfig, ...] = (destination("hook"), destination("warehouse"))) -> Decoder:
     config = Config(sources=sources, destinations=destinations,
-                    worker=WorkerConfig(decode_batch_rows=decode_batch_rows))
+                    worker=WorkerConfig(decode_batch_rows=decode_batch_rows, decode_batch_events=decode_batch_events))
     return Decoder(store, config)
 
 
@@ -213,6 +214,24 @@ def test_each_call_decodes_at_most_decode_batch_rows(store: Store) -> None:
 
     assert [decode.decode_pending().rows for _ in range(4)] == [2, 2, 1, 0]
     assert [e["message_id"] for e in rows(store, "events")] == ["m0", "m1", "m2", "m3", "m4"]
+
+
+def test_a_group_stops_at_the_row_that_reaches_decode_batch_events(store: Store) -> None:
+    store.append([outbox_row({"batch": [track(f"r{r}m{i}") for i in range(3)]}) for r in range(5)])
+    decode = decoder(store, decode_batch_events=5, destinations=(destination("hook"),))
+
+    results = [decode.decode_pending() for _ in range(4)]
+
+    assert [(r.rows, r.events, r.more) for r in results] == [(2, 6, True), (2, 6, True), (1, 3, False), (0, 0, False)]
+    assert states(store) == ["done"] * 5
+    assert len(rows(store, "events")) == len(rows(store, "deliveries")) == 15
+
+
+def test_a_group_that_reaches_its_row_limit_says_more_may_remain(store: Store) -> None:
+    store.append([outbox_row(track(f"m{i}"), "track") for i in range(2)])
+    decode = decoder(store, decode_batch_rows=2, destinations=(destination("hook"),))
+
+    assert [(r.rows, r.more) for r in (decode.decode_pending(), decode.decode_pending())] == [(2, True), (0, False)]
 
 
 def test_replay_delivers_to_one_destination_again_duplicates_included(store: Store) -> None:
