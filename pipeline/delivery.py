@@ -30,7 +30,10 @@ class DestinationRunner:
         """Claim loops run side by side: enough batches in hand to keep every one of the
         adapter's concurrent requests busy, while each claim stays ``claim_size`` rows."""
         wanted = self.adapter.parallelism * self.config.batch_size
-        return max(1, -(-wanted // self.config.claim_size))
+        lanes = -(-wanted // self.config.claim_size)
+        # A concurrent adapter gets one lane more, so one lane claims and records while the
+        # others' requests are in flight instead of the destination waiting on the database.
+        return lanes + 1 if self.adapter.parallelism > 1 else max(1, lanes)
 
     async def drain(self, stopping: Callable[[], bool]) -> int:
         """Deliver due events until none is left (or the worker stops); return how many were tried."""

@@ -12,6 +12,7 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,12 +44,22 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def create_store_engine(config: DatabaseConfig) -> Engine:
+def create_store_engine(config: DatabaseConfig, at_least_once: bool = False) -> Engine:
+    """The engine for ``config``.
+
+    ``at_least_once`` is for the worker: its commits (claims, outcomes, decoded rows) do not
+    wait for the disk (SQLite ``synchronous=NORMAL``, Postgres ``synchronous_commit=off``). A
+    power cut may then forget its last transactions, which only makes an event be decoded or
+    delivered again; the receiver's acknowledged rows are never at risk (they were fsynced by
+    the receiver's own commits)."""
     url = make_url(normalise_url(config.url))
     if url.get_backend_name() == "sqlite":
+        if at_least_once:
+            config = dataclasses.replace(config, sqlite_synchronous="NORMAL")
         return _sqlite_engine(url, config)
     if url.get_backend_name() == "postgresql":
         timeout_ms = int(config.lock_timeout_seconds * 1000)
+        options = f"-c lock_timeout={timeout_ms}" + (" -c synchronous_commit=off" if at_least_once else "")
         return create_engine(
             url,
             pool_pre_ping=True,
@@ -59,7 +70,7 @@ def create_store_engine(config: DatabaseConfig) -> Engine:
             hide_parameters=True,
             connect_args={"connect_timeout": max(1, int(config.lock_timeout_seconds)),
                           # A write blocked on a lock fails (-> 503) instead of waiting forever.
-                          "options": f"-c lock_timeout={timeout_ms}"},
+                          "options": options},
         )
     raise ValueError(f"unsupported database URL scheme {url.drivername!r}: use sqlite:/// or postgresql://")
 
@@ -129,8 +140,8 @@ class Store:
                                f"VALUES ({', '.join([mark] * len(OUTBOX_COLUMNS))})")
 
     @classmethod
-    def open(cls, config: DatabaseConfig) -> Store:
-        return cls(create_store_engine(config))
+    def open(cls, config: DatabaseConfig, at_least_once: bool = False) -> Store:
+        return cls(create_store_engine(config, at_least_once))
 
     def append(self, outbox_rows: Sequence[Mapping[str, Any]],
                rejected_rows: Sequence[Mapping[str, Any]] = ()) -> None:

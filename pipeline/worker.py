@@ -77,7 +77,9 @@ class Worker:
 
     async def start(self) -> None:
         self._take_sqlite_lock()
-        self.store = Store.open(self.config.database)
+        # The worker's own commits need not wait for the disk: losing one after a power cut
+        # only means an event goes out again (see create_store_engine).
+        self.store = Store.open(self.config.database, at_least_once=True)
         self.decoder = Decoder(self.store, self.config)
         self.queue = DeliveryQueue(self.store)
         if self.store.backend == "sqlite":

@@ -63,3 +63,23 @@ def test_no_module_of_the_pipeline_or_the_migrations_imports_the_receiver() -> N
                                                      if m == "receiver" or m.startswith("receiver."))
                  for path in files}
     assert {path: mods for path, mods in offenders.items() if mods} == {}
+
+
+def test_the_workers_sqlite_connections_do_not_wait_for_the_disk(tmp_path: Path) -> None:
+    engine = create_store_engine(DatabaseConfig(url=f"sqlite:///{tmp_path / 'w.db'}"), at_least_once=True)
+    with engine.connect().execution_options(readonly=True) as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_workers_postgres_sessions_commit_without_waiting_for_the_wal(postgres_url: str) -> None:
+    receiver = create_store_engine(DatabaseConfig(url=postgres_url))
+    worker = create_store_engine(DatabaseConfig(url=postgres_url), at_least_once=True)
+    with receiver.connect() as conn:
+        assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
+    with worker.connect() as conn:
+        assert conn.execute(text("SHOW synchronous_commit")).scalar() == "off"
+    receiver.dispose()
+    worker.dispose()
