@@ -23,11 +23,32 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import and_, bindparam, update
 
 from pipeline.retry import DEAD, DELIVERED, Decision
-from pipeline.schema import deliveries, events
+from pipeline.schema import deliveries
 from pipeline.store import Store, now_ms
+
+
+# The hot statements as fixed text for the driver: no per-call compilation or rendering.
+_CLAIM_ORDER = "ORDER BY d.next_attempt_at_ms, d.id"
+_SQLITE_DUE = ("SELECT d.id, d.attempts, d.created_at_ms, e.payload FROM deliveries d "
+               "JOIN events e ON e.id = d.event_id "
+               "WHERE d.destination = ? AND d.state = 'pending' AND d.next_attempt_at_ms <= ? "
+               f"{_CLAIM_ORDER} LIMIT ?")
+_SQLITE_LEASE = ("UPDATE deliveries SET attempts = attempts + 1, locked_until_ms = ?, next_attempt_at_ms = ?, "
+                 "locked_by = ?, last_attempt_at_ms = ? WHERE id IN (SELECT value FROM json_each(?))")
+_PG_CLAIM = ("WITH due AS (SELECT d.id FROM deliveries d "
+             "WHERE d.destination = %s AND d.state = 'pending' AND d.next_attempt_at_ms <= %s "
+             f"{_CLAIM_ORDER} LIMIT %s FOR UPDATE SKIP LOCKED) "
+             "UPDATE deliveries SET attempts = deliveries.attempts + 1, locked_until_ms = %s, "
+             "next_attempt_at_ms = %s, locked_by = %s, last_attempt_at_ms = %s "
+             "FROM due, events e WHERE deliveries.id = due.id AND e.id = deliveries.event_id "
+             "RETURNING deliveries.id, deliveries.attempts - 1, deliveries.created_at_ms, e.payload")
+_DELIVERED_SET = ("UPDATE deliveries SET state = 'delivered', finished_at_ms = {mark}, locked_until_ms = NULL, "
+                  "locked_by = NULL, last_error = NULL WHERE locked_by = {mark} AND state = 'pending' AND ")
+_SQLITE_DELIVERED = _DELIVERED_SET.format(mark="?") + "id IN (SELECT value FROM json_each(?))"
+_PG_DELIVERED = _DELIVERED_SET.format(mark="%s") + "id = ANY(%s)"
 
 
 def worker_id() -> str:
@@ -51,19 +72,18 @@ class DeliveryQueue:
         now = now_ms()
         until = now + lease_ms
         with self.store.engine.begin() as conn:
-            query = (select(deliveries.c.id, deliveries.c.attempts, deliveries.c.created_at_ms, events.c.payload)
-                     .join(events, events.c.id == deliveries.c.event_id)
-                     .where(deliveries.c.destination == destination, deliveries.c.state == "pending",
-                            deliveries.c.next_attempt_at_ms <= now)
-                     .order_by(deliveries.c.next_attempt_at_ms, deliveries.c.id).limit(limit)
-                     .with_for_update(skip_locked=True, of=deliveries))
-            rows = conn.execute(query).all()
-            if not rows:
-                return []
-            conn.execute(update(deliveries).where(deliveries.c.id.in_([r.id for r in rows])).values(
-                attempts=deliveries.c.attempts + 1, locked_until_ms=until, next_attempt_at_ms=until,
-                locked_by=self.owner, last_attempt_at_ms=now))
-        return [Claimed(r.id, r.attempts + 1, r.created_at_ms, orjson.loads(r.payload)) for r in rows]
+            if self.store.backend == "postgresql":
+                # One round trip: lock the due rows nobody holds, lease them, return their events.
+                rows = conn.exec_driver_sql(_PG_CLAIM, (destination, now, limit, until, until, self.owner, now)).all()
+                rows.sort(key=lambda r: r[0])  # RETURNING has no order; keep the oldest first
+            else:
+                # SQLite: BEGIN IMMEDIATE already made this transaction the only writer.
+                rows = conn.exec_driver_sql(_SQLITE_DUE, (destination, now, limit)).all()
+                if rows:
+                    conn.exec_driver_sql(_SQLITE_LEASE, (until, until, self.owner, now,
+                                                         orjson.dumps([r[0] for r in rows])))
+        loads = orjson.loads
+        return [Claimed(r[0], r[1] + 1, r[2], loads(r[3])) for r in rows]
 
     def renew(self, ids: Sequence[int], lease_ms: int) -> int:
         if not ids:
@@ -89,8 +109,9 @@ class DeliveryQueue:
         mine = and_(deliveries.c.locked_by == self.owner, deliveries.c.state == "pending")
         with self.store.engine.begin() as conn:
             if delivered:
-                conn.execute(update(deliveries).where(deliveries.c.id.in_(delivered), mine).values(
-                    state=DELIVERED, finished_at_ms=now, locked_until_ms=None, locked_by=None, last_error=None))
+                ids: Any = delivered if self.store.backend == "postgresql" else orjson.dumps(delivered)
+                conn.exec_driver_sql(_PG_DELIVERED if self.store.backend == "postgresql" else _SQLITE_DELIVERED,
+                                     (now, self.owner, ids))
             if others:
                 conn.execute(update(deliveries).where(deliveries.c.id == bindparam("b_id"), mine).values(
                     state=bindparam("b_state"), next_attempt_at_ms=bindparam("b_next"),
