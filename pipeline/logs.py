@@ -18,5 +18,3 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     # Alembic narrates every revision check; `trackrelay migrate` logs what it changed itself.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    # httpx logs every request at INFO: one line per delivery would drown the log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
