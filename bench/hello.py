@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from typing import Any
 
+from bench.serving import serve_until_signalled
 from tornado.web import Application, RequestHandler
 
 
@@ -20,13 +20,7 @@ class HelloHandler(RequestHandler):
 
 
 async def serve(port: int) -> None:
-    app = Application([(r"/.*", HelloHandler)])
-    server = app.listen(port, "127.0.0.1")
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    server.stop()
+    await serve_until_signalled(Application([(r"/.*", HelloHandler)]), port)
 
 
 def main() -> None:

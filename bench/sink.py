@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from bench.serving import serve_until_signalled
 from tornado.web import Application, RequestHandler
 
 
@@ -60,12 +60,7 @@ class SinkHandler(RequestHandler):
 
 async def serve(port: int, record: bool) -> None:
     app = Application([(r"/.*", SinkHandler, {"tally": Tally(record)})], log_function=lambda _: None)
-    server = app.listen(port, "127.0.0.1")
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    server.stop()
+    await serve_until_signalled(app, port)
 
 
 def main() -> None:
