@@ -31,9 +31,9 @@ class DestinationRunner:
         adapter's concurrent requests busy, while each claim stays ``claim_size`` rows."""
         wanted = self.adapter.parallelism * self.config.batch_size
         lanes = -(-wanted // self.config.claim_size)
-        # A concurrent adapter gets one lane more, so one lane claims and records while the
-        # others' requests are in flight instead of the destination waiting on the database.
-        return lanes + 1 if self.adapter.parallelism > 1 else max(1, lanes)
+        # A concurrent adapter gets two lanes more, so some lanes claim and record (and finish
+        # the tail of their batch) while the others keep every connection busy.
+        return lanes + 2 if self.adapter.parallelism > 1 else max(1, lanes)
 
     async def drain(self, stopping: Callable[[], bool]) -> int:
         """Deliver due events until none is left (or the worker stops); return how many were tried."""
