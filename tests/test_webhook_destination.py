@@ -130,6 +130,12 @@ def test_headers_http_cannot_carry_fail_at_construction(headers: dict[str, str])
         WebhookDestination("hook", WebhookOptions(url="http://127.0.0.1:9/in", headers=headers), 1)
 
 
+@pytest.mark.parametrize("name", ["Content-Length", "transfer-encoding", "Connection"])
+def test_framing_headers_cannot_be_configured(name: str) -> None:
+    with pytest.raises(ValueError, match=f"header '{name}' is set by trackrelay"):
+        WebhookDestination("hook", WebhookOptions(url="http://127.0.0.1:9/in", headers={name: "5"}), 1)
+
+
 def test_no_more_requests_than_the_concurrency_are_in_flight(sink: HttpSink) -> None:
     sink.answers = lambda _: Answer(200, delay=0.2)
 

@@ -22,6 +22,8 @@ from pipeline.destinations.http import outcome_for_exception, outcome_for_status
 from pipeline.destinations.httpclient import HttpClient, HttpError, Response
 
 
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
 # What an HTTP/1.1 header can carry (RFC 9110 token; visible ASCII and spaces). Refused at
 # start-up: sent, they would fail every request, retried until the events are dead.
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -73,6 +75,10 @@ class WebhookDestination(Destination):
             if not HEADER_NAME.fullmatch(header) or not HEADER_VALUE.fullmatch(value):
                 raise ValueError(f"destination {name!r}: header {header!r} must be a token with a "
                                  "printable ASCII value")
+            if header.lower() in FRAMING_HEADERS:
+                # The client frames each request itself; a second framing header would corrupt it.
+                raise ValueError(f"destination {name!r}: header {header!r} is set by trackrelay and "
+                                 "cannot be configured")
         self._url = url
         self._client: HttpClient | None = None
         self._head = b""
