@@ -102,6 +102,8 @@ def test_a_batch_sent_twice_is_delivered_once(start_pipeline: Callable[..., Pipe
 
     first = pipeline.receiver.post("/v1/batch", batch)
     wait_for(lambda: pipeline.db.settled(3), "the first copy to be delivered")
+    # Concurrent delivery lanes may split the three events over more than one request.
+    requests_for_first_copy = len(sink.answered)
     second = pipeline.receiver.post("/v1/batch", batch)
 
     assert (first.status_code, first.json()) == (200, {"Success": True})
@@ -112,7 +114,7 @@ def test_a_batch_sent_twice_is_delivered_once(start_pipeline: Callable[..., Pipe
     assert wait_for(lambda: pipeline.db.settled(3), "deliveries to settle")
     assert len(pipeline.db.events()) == 3
     assert sink.counts() == {m["messageId"]: 1 for m in batch["batch"]}
-    assert len(sink.answered) == 1
+    assert len(sink.answered) == requests_for_first_copy
 
 
 def test_batch_level_context_integrations_and_sent_at_are_merged_into_each_message(
