@@ -1,4 +1,9 @@
-"""The Tornado application: every route of the HTTP Tracking API and its aliases."""
+"""The HTTP side of the receiver: every route of the HTTP Tracking API and its aliases.
+
+POSTs to the ingest paths are served by :mod:`receiver.ingest`'s own delegate; the Tornado
+application below answers everything else on every path (preflights, wrong methods, pixels,
+/health, unknown paths).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,18 @@ from typing import Any
 
 from tornado.web import Application
 
-from pipeline.envelope import BATCH, SINGLE, WEBHOOK
 from pipeline.messages import MESSAGE_TYPES
 from receiver.context import ReceiverContext
-from receiver.handlers import HealthHandler, IngestHandler, MetricsHandler, NotFoundHandler
+from receiver.handlers import HealthHandler, IngestPathHandler, MetricsHandler, NotFoundHandler
+from receiver.ingest import IngestRouter, ingest_routes
 from receiver.pixel import PixelHandler
-
-# Single-message routes and their one-letter aliases.
-SHORT = {"identify": "i", "track": "t", "page": "p", "screen": "s", "group": "g", "alias": "a"}
 
 
 def routes(ctx: ReceiverContext) -> list[tuple[str, type, dict[str, Any]]]:
-    table: list[tuple[str, type, dict[str, Any]]] = []
-    for kind in MESSAGE_TYPES:
-        args = {"ctx": ctx, "route": kind, "kind": SINGLE, "route_type": kind}
-        table.append((rf"/v1/(?:{kind}|{SHORT[kind]})", IngestHandler, args))
-        table.append((rf"/v1/pixel/{kind}", PixelHandler, {"ctx": ctx, "route_type": kind}))
+    table: list[tuple[str, type, dict[str, Any]]] = [
+        (path, IngestPathHandler, {"ctx": ctx}) for path in ingest_routes()]
+    table += [(rf"/v1/pixel/{kind}", PixelHandler, {"ctx": ctx, "route_type": kind}) for kind in MESSAGE_TYPES]
     table += [
-        (r"/v1/(?:batch|import|b)", IngestHandler, {"ctx": ctx, "route": "batch", "kind": BATCH}),
-        (r"/v1/(?:webhook|w)", IngestHandler, {"ctx": ctx, "route": "webhook", "kind": WEBHOOK}),
         (r"/v1/m", MetricsHandler, {"ctx": ctx}),
         (r"/health", HealthHandler, {"ctx": ctx}),
     ]
@@ -41,3 +39,8 @@ def make_app(ctx: ReceiverContext) -> Application:
         log_function=lambda handler: None,
         compress_response=False,
     )
+
+
+def make_router(ctx: ReceiverContext) -> IngestRouter:
+    """What the HTTP server runs: the ingest delegate in front of the application."""
+    return IngestRouter(make_app(ctx), ctx)

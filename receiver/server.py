@@ -14,7 +14,7 @@ from pipeline import loop as event_loop
 from pipeline.config import Config
 from pipeline.migrate import current_revision, head_revision, upgrade
 from pipeline.store import Store
-from receiver.app import make_app
+from receiver.app import make_router
 from receiver.context import ReceiverContext
 from pipeline.worker import run_worker
 from receiver.processes import supervise
@@ -89,7 +89,7 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
     """Serve on ``sockets`` until ``stop`` is set, then finish in-flight commits and return."""
     store = Store.open(config.database)
     ctx = ReceiverContext.create(config, store)
-    server = HTTPServer(make_app(ctx), xheaders=config.receiver.trust_forwarded_headers,
+    server = HTTPServer(make_router(ctx), xheaders=config.receiver.trust_forwarded_headers,
                         decompress_request=False,
                         # Our handlers enforce the real limits; Tornado's only bounds what we
                         # read and throw away, so over-limit clients still get their 413.
