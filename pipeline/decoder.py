@@ -16,12 +16,11 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, select, tuple_, update
-from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import Config
 from pipeline.normalise import DecodedEvent, Expansion, StoredRequest, expand
 from pipeline.routing import Router
-from pipeline.schema import deliveries, events, outbox, rejected
+from pipeline.schema import events, outbox, rejected
 from pipeline.sources import SourceRegistry
 from pipeline.store import Store, is_unavailable, now_ms, short_error
 
@@ -71,14 +70,15 @@ class Decoder:
     def decode_pending(self, limit: int | None = None) -> DecodeResult:
         """Decode up to ``limit`` pending outbox rows (blocking).
 
-        A group that the database refuses (not an outage: a value it cannot hold) is decoded
-        again row by row, and a row that still fails is set aside as ``failed`` with a
-        ``rejected`` record, so one bad row never stops the pipeline behind it.
+        A group that fails for any reason but an outage (a value the database cannot hold, or
+        a bug of ours that one row trips) is decoded again row by row, and a row that still
+        fails is set aside as ``failed`` with a ``rejected`` record, so one bad row never stops
+        the pipeline behind it.
         """
         limit = limit or self.config.worker.decode_batch_rows
         try:
             return self._decode(limit, after_id=None)
-        except SQLAlchemyError as exc:
+        except Exception as exc:  # a bug of ours on one row must not stop the rows behind it either
             if is_unavailable(exc):
                 raise
             log.warning("event=decode_group_failed rows<=%d error=%r action=row_by_row", limit, short_error(exc))
@@ -87,7 +87,7 @@ class Decoder:
         for _ in range(limit):
             try:
                 result = self._decode(1, after_id=after_id)
-            except SQLAlchemyError as exc:
+            except Exception as exc:
                 if is_unavailable(exc):
                     raise
                 after_id = self._set_aside_next(after_id, exc)
@@ -224,7 +224,7 @@ class Decoder:
             return {}
         # Postgres text cannot hold NUL: one such event name would fail every decode of its row.
         rows = [(e.source, e.message_id, e.type, e.event_name.replace("\x00", "") if e.event_name else e.event_name,
-                 r.id, r.received_at_ms, orjson.dumps(e.payload)) for r, e in decoded]
+                 r.id, r.received_at_ms, e.payload_json or orjson.dumps(e.payload)) for r, e in decoded]
         if self.store.backend == "postgresql":
             columns = tuple(list(column) for column in zip(*rows))
             return {(source, message_id): event_id
@@ -260,7 +260,8 @@ class Decoder:
             reason = f"batch item {item.index}: {reason}"
         return {"received_at_ms": request.received_at_ms, "route": request.route, "source": None,
                 "status": problem.status, "code": problem.code, "reason": reason,
-                "raw": item.raw[: self.config.receiver.rejected_raw_bytes], "remote_addr": request.remote_addr}
+                "raw": item.raw[: self.config.receiver.rejected_raw_bytes] if item.raw is not None else None,
+                "remote_addr": request.remote_addr}
 
 
 def _add(a: DecodeResult, b: DecodeResult) -> DecodeResult:

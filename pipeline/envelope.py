@@ -50,6 +50,22 @@ class Verdict(NamedTuple):
     source: str | None = None
 
 
+# orjson reads JSON nested up to 1024 levels but writes at most 255, and every message we
+# accept is written again when the worker stores it as an event: a deeper one is refused now,
+# with a 400, rather than acknowledged and never storable.
+TOO_DEEP = Problem("nesting_too_deep", "Message nested too deeply",
+                   "JSON nested more than 255 levels deep cannot be stored")
+
+
+def writable(value: Any) -> bool:
+    """Whether orjson can write ``value`` back (parsed JSON fails only by nesting too deep)."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
+
+
 def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
@@ -91,8 +107,15 @@ def judge(envelope: Envelope, *, route_type: str | None, override_key: str | Non
     # Most requests carry one key for all their messages: look each distinct key up once.
     known: dict[str | None, str | None] = {}
     batch_key = envelope.batch_key
+    # One write of the whole body (about 1 us a KB) tells whether any message is too deep.
+    deep = not writable(envelope.batch if envelope.is_batch else envelope.items[0])
+    # Batch-level context and integrations are merged into every message of the batch.
+    batch_deep = deep and envelope.is_batch and \
+        not writable({key: envelope.batch.get(key) for key in ("context", "integrations")})
     for index, message in enumerate(envelope.items):
         problem = validate_message(message, route_type)
+        if problem is None and deep and (batch_deep or not writable(message)):
+            problem = TOO_DEEP
         if problem is None and measure:
             size = len(orjson.dumps(message))
             if size > max_message_bytes:

@@ -7,13 +7,13 @@ outbox row and the message's index), so decoding a row twice is harmless.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
 
-from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Envelope, Refused, judge, open_envelope
+from pipeline.envelope import BATCH, SINGLE, TOO_DEEP, WEBHOOK, Envelope, Refused, judge, open_envelope, writable
 from pipeline.messages import Problem, message_type, parse_timestamp, present
 from pipeline.sources import SourceRegistry
 
@@ -43,13 +43,15 @@ class DecodedEvent:
     type: str
     event_name: str | None
     payload: dict[str, Any]
+    # The payload as stored: written once here, where a failure refuses only this message.
+    payload_json: bytes = field(default=b"", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class RefusedMessage:
     index: int | None
     problem: Problem
-    raw: bytes
+    raw: bytes | None
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,17 @@ def expand(request: StoredRequest, sources: SourceRegistry, *, max_message_bytes
         message = envelope.items[verdict.index]
         if verdict.problem is not None or verdict.source is None:
             problem = verdict.problem or Problem("invalid_write_key", "Invalid or missing writekey")
-            refused.append(RefusedMessage(verdict.index, problem, orjson.dumps(message)))
+            refused.append(RefusedMessage(verdict.index, problem, orjson.dumps(message) if writable(message) else None))
             continue
         payload = normalise(message, envelope, request, verdict.index, route_type, add_context_ip, times)
+        try:
+            payload_json = orjson.dumps(payload)
+        except orjson.JSONEncodeError:  # nested too deep once merged with the batch's context
+            refused.append(RefusedMessage(verdict.index, TOO_DEEP, None))
+            continue
         events.append(DecodedEvent(verdict.source, payload["messageId"], payload["type"],
-                                   payload.get("event") if payload["type"] == "track" else None, payload))
+                                   payload.get("event") if payload["type"] == "track" else None, payload,
+                                   payload_json))
     return Expansion(events, refused)
 
 

@@ -302,3 +302,59 @@ def test_a_row_the_database_refuses_is_set_aside_and_the_rest_decode(store: Stor
     assert "poison event" in record["reason"] and record["raw"] == orjson.dumps(track("poison"))
     # The next call finds nothing left to decode: the failed row is not retried forever.
     assert decoder(store).decode_pending().rows == 0
+
+
+def nested(depth: int) -> bytes:
+    """A JSON object ``depth`` levels deep: orjson reads up to 1024 levels, writes up to 255."""
+    return b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+def test_a_message_nested_too_deep_to_store_is_refused_and_the_rest_decode(store: Store) -> None:
+    deep = b'{"type":"track","event":"x","userId":"u","messageId":"deep","properties":' + nested(300) + b"}"
+    batch = b'{"batch":[' + deep + b"," + orjson.dumps(track("m1")) + b"]}"
+    # Stored as a receiver older than this check would have stored them (it answered 200).
+    store.append([outbox_row(deep, "track"), outbox_row(batch), outbox_row(track("m2"), "track")])
+
+    result = decoder(store).decode_pending()
+
+    assert (result.rows, result.events, result.refused) == (3, 2, 2)
+    assert [e["message_id"] for e in rows(store, "events")] == ["m1", "m2"]
+    assert states(store) == ["done", "done", "done"]
+    assert [(r["code"], r["status"], r["raw"]) for r in rows(store, "rejected")] == [
+        ("nesting_too_deep", 400, None), ("nesting_too_deep", 400, None)]
+
+
+def test_a_batch_context_nested_too_deep_refuses_each_message_it_would_be_merged_into(store: Store) -> None:
+    body = b'{"context":' + nested(260) + b',"batch":[' + orjson.dumps(track("m1")) + b"]}"
+    store.append([outbox_row(body), outbox_row(track("m2"), "track")])
+
+    assert decoder(store).decode_pending().events == 1
+    assert [e["message_id"] for e in rows(store, "events")] == ["m2"]
+    assert [(r["code"], r["reason"]) for r in rows(store, "rejected")] == [
+        ("nesting_too_deep", "batch item 0: Message nested too deeply: JSON nested more than 255 levels "
+                             "deep cannot be stored")]
+
+
+def test_a_row_that_trips_a_bug_of_ours_is_set_aside_and_the_rest_decode(store: Store,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a database refusal: any exception while decoding one row (injected here, since a
+    real one would be a bug we fix) must not stop the rows behind it."""
+    store.append([outbox_row(track("m1"), "track"), outbox_row(track("trips"), "track"),
+                  outbox_row(track("m3"), "track")])
+    subject = decoder(store)
+    expand = Decoder.expand
+
+    def tripping_expand(self: Decoder, request: StoredRequest) -> Any:
+        if b'"trips"' in request.body:
+            raise KeyError("injected fault")
+        return expand(self, request)
+
+    monkeypatch.setattr(Decoder, "expand", tripping_expand)
+
+    result = subject.decode_pending()
+
+    assert (result.rows, result.events, result.refused) == (3, 2, 1)
+    assert [e["message_id"] for e in rows(store, "events")] == ["m1", "m3"]
+    assert states(store) == ["done", "failed", "done"]
+    [record] = rows(store, "rejected")
+    assert record["code"] == "decode_failed" and "injected fault" in record["reason"]

@@ -238,6 +238,36 @@ def test_json_array_body_is_refused(receiver: RunningReceiver, path: str) -> Non
     assert_only_rejected(receiver, route, 400, "invalid_body", "Body must be a JSON object: got list", body)
 
 
+def deep_track(depth: int = 300) -> bytes:
+    """A track message whose properties nest ``depth`` levels: orjson reads up to 1024 levels
+    but writes only 255, so such a message could never be stored as an event."""
+    nested = b'{"a":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+    return b'{"type":"track","event":"x","userId":"u1","properties":' + nested + b"}"
+
+
+TOO_DEEP = ("nesting_too_deep", "Message nested too deeply", "JSON nested more than 255 levels deep cannot be stored")
+
+
+def test_a_message_nested_too_deep_to_store_is_refused_with_a_400(receiver: RunningReceiver) -> None:
+    response = receiver.post("/v1/track", deep_track())
+    assert (response.status_code, response.json()) == (400, single_error(*TOO_DEEP))
+    assert_only_rejected(receiver, "track", 400, "nesting_too_deep", f"{TOO_DEEP[1]}: {TOO_DEEP[2]}", deep_track())
+
+
+# Bodies over the message limit (15 KB) have each message measured, which writes it too.
+@pytest.mark.parametrize("filler", [0, 10_000], ids=["small-batch", "batch-over-the-message-limit"])
+def test_a_batch_item_nested_too_deep_is_refused_on_its_own(receiver: RunningReceiver, filler: int) -> None:
+    good = json.dumps({**TRACK, "properties": {"blob": "x" * filler}}).encode()
+    body = b'{"batch":[' + deep_track() + b"," + good + b"," + good + b"]}"
+    response = receiver.post("/v1/batch", body)
+    assert (response.status_code, response.json()) == (207, {
+        "Success": False,
+        "Errors": [{"Error": "Bad Request", "Message": TOO_DEEP[1], "Details": TOO_DEEP[2], "Index": 0,
+                    "code": TOO_DEEP[0]}],
+        "code": "partial_success", "message": "1 of 3 messages were rejected"})
+    assert stored(receiver) == [("batch", "default", body)]
+
+
 # --- batch routes --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", BATCH_PATHS)
