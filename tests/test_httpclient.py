@@ -19,7 +19,7 @@ import pytest
 
 from http_sink import closed_port_url
 from pipeline.destinations.httpclient import (
-    ConnectError, HttpClient, ReadTimeout, RemoteProtocolError, Response)
+    MAX_BODY_BYTES, ClientClosed, ConnectError, HttpClient, ReadTimeout, RemoteProtocolError, Response)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -232,8 +232,15 @@ def test_a_refused_connection_is_a_connect_error() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("answer", [b"SMTP ready\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"])
+@pytest.mark.parametrize("answer", [
+    b"SMTP ready\r\n\r\n", b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+    # int() would read these; HTTP numbers are digits only
+    b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello", b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\nhellohello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n"])
 def test_an_answer_that_is_not_http_is_a_protocol_error(answer: bytes) -> None:
     async def main() -> None:
         async with serving(answer) as script:
@@ -251,6 +258,129 @@ def test_an_informational_answer_is_skipped_and_a_gzip_body_decoded() -> None:
         async with serving(answer) as script:
             [response] = await send_all(client(script), 1)
             assert (response.status_code, response.content) == (207, b'{"Errors": []}')
+    asyncio.run(main())
+
+
+def test_repeated_copies_of_one_content_length_are_that_length() -> None:
+    async def main() -> None:
+        async with serving(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+                           b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nworld") as script:
+            responses = await send_all(client(script), 2)
+            assert [r.content for r in responses] == [b"hello", b"world"]
+            assert script.connections == 1
+    asyncio.run(main())
+
+
+def test_chunked_wins_over_a_content_length_and_that_connection_is_not_reused() -> None:
+    both = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+
+    async def main() -> None:
+        async with serving(both, both) as script:
+            responses = await send_all(client(script), 2)
+            assert [r.content for r in responses] == [b"hello", b"hello"]
+            assert script.connections == 2
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\nContent-Length: 2\nX-Thing: a\n\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Thing: a\r\n\nok",
+    b"HTTP/1.1 200 OK\nContent-Length: 2\nX-Thing: a\r\n\r\nok",
+    b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\nX-Thing: a\n\n2\r\nok\r\n0\r\nX-Trailer: t\n\n",
+    b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\nX-Thing: a\n\n2\r\nok\r\n0\r\n\n"])
+def test_a_head_with_bare_lf_line_ends_is_read_and_the_connection_kept(answer: bytes) -> None:
+    async def main() -> None:
+        async with serving(answer, answer) as script:
+            responses = await send_all(client(script, timeout=2.0), 2)
+            assert [(r.status_code, r.headers["x-thing"], r.content) for r in responses] == [(200, "a", b"ok")] * 2
+            assert script.connections == 1
+    asyncio.run(main())
+
+
+def test_a_body_of_exactly_the_limit_is_whole_and_the_connection_kept() -> None:
+    body = b"x" * MAX_BODY_BYTES
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    async def main() -> None:
+        async with serving(answer, answer) as script:
+            responses = await send_all(client(script), 2)
+            assert [(r.content == body, r.truncated) for r in responses] == [(True, False)] * 2
+            assert script.connections == 1
+    asyncio.run(main())
+
+
+def big_answer(framing: str) -> bytes:
+    body = b"x" * (MAX_BODY_BYTES + 1)
+    if framing == "content-length":
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    if framing == "chunked":
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    return b"HTTP/1.1 200 OK\r\n\r\n" + body  # ends at the close
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "until-close"])
+def test_a_body_over_the_limit_is_an_answer_cut_at_the_limit_and_its_connection_closed(framing: str) -> None:
+    # Not an error: the destination took the request, and an error would send it again.
+    async def main() -> None:
+        answer = big_answer(framing)
+        async with serving(answer, answer, then_close=framing == "until-close") as script:
+            responses = await send_all(client(script), 2)
+            for response in responses:
+                assert (response.status_code, len(response.content), response.truncated) == (200, MAX_BODY_BYTES, True)
+            assert script.connections == 2
+    asyncio.run(main())
+
+
+def test_a_gzip_body_inflating_past_the_limit_is_cut_there_and_the_connection_kept() -> None:
+    bomb = gzip.compress(b"\0" * (MAX_BODY_BYTES * 3), 9)  # ~50 KiB on the wire
+    answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(bomb), bomb)
+
+    async def main() -> None:
+        async with serving(answer, answer) as script:
+            responses = await send_all(client(script), 2)
+            assert [(len(r.content), r.truncated) for r in responses] == [(MAX_BODY_BYTES, True)] * 2
+            assert script.connections == 1  # the framing was sound: only the inflating stopped
+    asyncio.run(main())
+
+
+def test_an_undecodable_gzip_body_keeps_its_status_as_a_truncated_answer() -> None:
+    whole = gzip.compress(b'{"Errors": []}')
+    broken = whole[:10] + b"not deflate" + whole[10:]
+    answer = b"HTTP/1.1 400 Bad Request\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(broken), broken)
+    cut = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 20\r\n\r\n%s" % whole[:20]
+
+    async def main() -> None:
+        async with serving(answer, cut) as script:
+            responses = await send_all(client(script), 2)
+            assert [(r.status_code, r.content, r.truncated) for r in responses] == [
+                (400, b"", True), (200, gzip.decompress(whole)[:len(responses[1].content)], True)]
+            assert script.connections == 1
+    asyncio.run(main())
+
+
+def test_a_closed_client_opens_no_connection_and_cuts_off_a_request_in_flight() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await script.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await script.read_request(reader)  # the second request is never answered
+        await reader.read()
+
+    async def main() -> None:
+        nonlocal script
+        async with scripted(handler) as script:
+            http = client(script)
+            await http.send(post())
+            pending = asyncio.create_task(http.send(post()))  # on the kept connection
+            while len(script.requests) < 2:
+                await asyncio.sleep(0.01)
+            await http.aclose()
+            with pytest.raises(ClientClosed, match="HTTP client closed"):
+                await pending  # not sent again on a fresh connection, as a server's drop would be
+            with pytest.raises(ClientClosed, match="no new connections"):
+                await http.send(post())
+            assert (script.connections, len(script.requests)) == (1, 2)
+    script: Scripted
     asyncio.run(main())
 
 

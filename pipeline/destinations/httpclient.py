@@ -8,14 +8,21 @@ one is a buffer, a parser and a timer per request.
 
 Failures are :class:`HttpError` subclasses: :class:`ConnectError` (no connection),
 :class:`RemoteProtocolError` (closed without a full answer, or an answer that is not HTTP),
-and the timeouts :class:`ConnectTimeout` and :class:`ReadTimeout`, which are also
-:class:`TimeoutError`. A request sent on a pooled connection that the server closed without
-answering a byte (it timed the idle connection out as we wrote) goes once more on a fresh one.
+:class:`ClientClosed` (a request after :meth:`HttpClient.aclose`), and the timeouts
+:class:`ConnectTimeout` and :class:`ReadTimeout`, which are also :class:`TimeoutError`. A request
+sent on a pooled connection that the server closed without answering a byte (it timed the idle
+connection out as we wrote) goes once more on a fresh one.
+
+A body is not a failure, whatever it holds: once the status line has come, the destination has
+acted on the request, and an error here would send the events again. A body over
+``MAX_BODY_BYTES`` (on the wire or inflated) is cut there, and one whose gzip or deflate coding
+breaks off keeps what inflated before; either way :attr:`Response.truncated` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import zlib
 from collections import deque
@@ -26,6 +33,13 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
+# The empty line that ends a head or a trailer section. RFC 9112 2.2 lets a recipient take a bare
+# LF for CRLF in start-lines and fields, and h11 (httpx, which this client replaced) does.
+END_OF_FIELDS = re.compile(rb"(?:^|\n)\r?\n")
+# Strict numbers: int() would also take "+5", "1_0" or (base 16) "0x1a", which are not HTTP.
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
 
 class HttpError(Exception):
     """No usable answer came."""
@@ -33,6 +47,10 @@ class HttpError(Exception):
 
 class ConnectError(HttpError):
     pass
+
+
+class ClientClosed(HttpError):
+    """The client was closed: it opens no more connections."""
 
 
 class RemoteProtocolError(HttpError):
@@ -55,7 +73,8 @@ class ReadTimeout(HttpTimeout):
 class Response:
     status_code: int
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
-    content: bytes
+    content: bytes  # without its gzip or deflate content coding
+    truncated: bool = False  # content is only the start of the body (see the module docstring)
 
     @property
     def text(self) -> str:
@@ -66,7 +85,23 @@ class _Closed(RemoteProtocolError):
     """The connection closed before any byte of the answer: the request may be sent again."""
 
 
-_HEAD, _FIXED, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _UNTIL_CLOSE, _DONE = range(7)
+_HEAD, _FIXED, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
+
+
+def _inflated(raw: bytes, encoding: str) -> tuple[bytes, bool]:
+    """The body without its content coding, at most ``MAX_BODY_BYTES`` of it, and whether that
+    is all of it. A coding we do not know leaves the body as it came."""
+    encoding = encoding.strip().lower()
+    if encoding not in ("gzip", "x-gzip", "deflate") or not raw:
+        return raw, True
+    inflater = zlib.decompressobj(47 if encoding != "deflate" else 15)  # 47: gzip or zlib header
+    try:
+        content = inflater.decompress(raw, MAX_BODY_BYTES)  # ~1000:1 is possible: never unbounded
+        if not inflater.eof and inflater.unconsumed_tail:  # full: is there more than the limit?
+            return content, not inflater.decompress(inflater.unconsumed_tail, 1) and inflater.eof
+    except zlib.error:
+        return b"", False
+    return content, inflater.eof
 
 
 class _Connection(asyncio.Protocol):
@@ -153,24 +188,18 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_exception(exc)
         self.close()
 
-    def _finish(self) -> None:
+    def _finish(self, cut: bool = False) -> None:
+        """Answer the exchange; ``cut``: the body went past the limit and the rest is unread."""
         self._state = _DONE
-        content = bytes(self._body)
+        content, whole = _inflated(bytes(self._body), self._headers.get("content-encoding", ""))
         self._body.clear()
-        encoding = self._headers.get("content-encoding", "").strip().lower()
-        if encoding in ("gzip", "deflate", "x-gzip") and content:
-            try:
-                content = zlib.decompress(content, 47 if encoding != "deflate" else 15)
-            except zlib.error as exc:
-                self._fail(RemoteProtocolError(f"undecodable {encoding} body: {exc}"))
-                return
         leftover = bool(self._buffer)  # bytes after the answer: pipelining we never asked for
-        self.reusable = self._keep_alive and not leftover and not self.closed
+        self.reusable = self._keep_alive and not cut and not leftover and not self.closed
         if not self.reusable:
             self.close()
         assert self._waiter is not None
         if not self._waiter.done():
-            self._waiter.set_result(Response(self._status, self._headers, content))
+            self._waiter.set_result(Response(self._status, self._headers, content, cut or not whole))
 
     # --- parsing ------------------------------------------------------------------------------
 
@@ -179,71 +208,67 @@ class _Connection(asyncio.Protocol):
         while self._state != _DONE:
             state = self._state
             if state == _HEAD:
-                end = buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buffer) > MAX_HEAD_BYTES:
-                        raise RemoteProtocolError("answer head too long")
+                lines = self._fields("answer head")
+                if lines is None:
                     return
-                head = bytes(buffer[:end])
-                del buffer[:end + 4]
-                self._start_body(head)
-            elif state == _FIXED:
+                self._start_body(lines)
+            elif state in (_FIXED, _CHUNK_DATA):
                 take = min(self._remaining, len(buffer))
-                self._body += buffer[:take]
-                del buffer[:take]
+                if not self._keep(take):
+                    return
                 self._remaining -= take
                 if self._remaining:
                     return
-                self._finish()
+                if state == _FIXED:
+                    self._finish()
+                else:
+                    self._state = _CHUNK_END
             elif state == _CHUNK_SIZE:
                 end = buffer.find(b"\r\n")
                 if end < 0:
                     if len(buffer) > 1024:
                         raise RemoteProtocolError("chunk size line too long")
                     return
-                line = bytes(buffer[:end]).split(b";", 1)[0].strip()
+                line = bytes(buffer[:end])
                 del buffer[:end + 2]
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise RemoteProtocolError(f"bad chunk size {line[:20]!r}") from None
-                if size < 0:
-                    raise RemoteProtocolError("bad chunk size")
-                self._grow(size)
-                self._remaining = size
-                self._state = _CHUNK_DATA if size else _TRAILER
-            elif state == _CHUNK_DATA:
-                if len(buffer) < self._remaining + 2:
+                digits = line.split(b";", 1)[0].rstrip(b" \t")  # whitespace may precede an extension
+                if not CHUNK_SIZE.fullmatch(digits):
+                    raise RemoteProtocolError(f"bad chunk size {line[:20]!r}")
+                self._remaining = int(digits, 16)
+                self._state = _CHUNK_DATA if self._remaining else _TRAILER
+            elif state == _CHUNK_END:
+                if len(buffer) < 2:
                     return
-                if buffer[self._remaining:self._remaining + 2] != b"\r\n":
+                if buffer[:2] != b"\r\n":
                     raise RemoteProtocolError("chunk not followed by CRLF")
-                self._body += buffer[:self._remaining]
-                del buffer[:self._remaining + 2]
+                del buffer[:2]
                 self._state = _CHUNK_SIZE
             elif state == _TRAILER:
-                if buffer[:2] == b"\r\n":
-                    del buffer[:2]
-                    self._finish()
-                    continue
-                end = buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buffer) > MAX_HEAD_BYTES:
-                        raise RemoteProtocolError("trailer too long")
+                if self._fields("trailer") is None:  # trailer fields are read and dropped
                     return
-                del buffer[:end + 4]
                 self._finish()
             else:  # _UNTIL_CLOSE: everything up to the close is the body
-                self._grow(len(buffer))
-                self._body += buffer
-                buffer.clear()
+                self._keep(len(buffer))
                 return
 
-    def _start_body(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code = rest[:3]
-        if not version.startswith(b"HTTP/1.") or not code.isdigit():
-            raise RemoteProtocolError(f"not an HTTP/1.x answer: {lines[0][:40]!r}")
+    def _fields(self, what: str) -> list[bytes] | None:
+        """The lines up to the next empty line, cut from the buffer; None until it has come."""
+        buffer = self._buffer
+        end = END_OF_FIELDS.search(buffer, 0, MAX_HEAD_BYTES)
+        if end is None:
+            if len(buffer) >= MAX_HEAD_BYTES:
+                raise RemoteProtocolError(f"{what} too long")
+            return None
+        lines = bytes(buffer[:end.start()]).split(b"\n") if end.start() else []
+        del buffer[:end.end()]
+        return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+    def _start_body(self, lines: list[bytes]) -> None:
+        status_line = lines[0] if lines else b""
+        version, _, rest = status_line.partition(b" ")
+        code = rest.partition(b" ")[0]
+        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+            raise RemoteProtocolError(f"not an HTTP/1.x answer: {status_line[:40]!r}")
         status = int(code)
         headers: dict[str, str] = {}
         for line in lines[1:]:
@@ -261,25 +286,41 @@ class _Connection(asyncio.Protocol):
         self._body.clear()
         if status in NO_BODY_STATUSES:
             self._finish()
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._state = _CHUNK_SIZE
+        elif "transfer-encoding" in headers:
+            # RFC 9112 6.3: the transfer coding wins over a Content-Length, and an answer with
+            # both may be response splitting: its connection carries no other answer.
+            self._keep_alive = self._keep_alive and "content-length" not in headers
+            if headers["transfer-encoding"].rsplit(",", 1)[-1].strip().lower() == "chunked":
+                self._state = _CHUNK_SIZE
+            else:  # not chunked last: the body ends at the close
+                self._keep_alive, self._state = False, _UNTIL_CLOSE
         elif "content-length" in headers:
-            try:
-                length = int(headers["content-length"])
-            except ValueError:
-                raise RemoteProtocolError("bad Content-Length") from None
-            if length < 0:
-                raise RemoteProtocolError("bad Content-Length")
-            self._grow(length)
-            self._remaining, self._state = length, _FIXED
-            if not length:
+            self._remaining, self._state = _content_length(headers["content-length"]), _FIXED
+            if not self._remaining:
                 self._finish()
         else:
             self._keep_alive, self._state = False, _UNTIL_CLOSE
 
-    def _grow(self, more: int) -> None:
-        if len(self._body) + more > MAX_BODY_BYTES:
-            raise RemoteProtocolError(f"answer body over {MAX_BODY_BYTES} bytes")
+    def _keep(self, count: int) -> bool:
+        """Move ``count`` body bytes from the buffer to the body, up to ``MAX_BODY_BYTES``. Past
+        it, answer with what is kept and close the connection (False): the status has come, and
+        reading on could end in a timeout and the request sent again."""
+        room = MAX_BODY_BYTES - len(self._body)
+        self._body += self._buffer[:min(count, room)]
+        del self._buffer[:count]
+        if count > room:
+            self._finish(cut=True)
+            return False
+        return True
+
+
+def _content_length(value: str) -> int:
+    """The length a Content-Length gives. Copies of one value ("10, 10", or the header repeated)
+    are one length (RFC 9112 6.3); anything else but digits is not HTTP."""
+    lengths = {length.strip() for length in value.split(",")}
+    if len(lengths) != 1 or not CONTENT_LENGTH.fullmatch(next(iter(lengths))):
+        raise RemoteProtocolError(f"bad Content-Length {value[:40]!r}")
+    return int(lengths.pop())
 
 
 class HttpClient:
@@ -298,6 +339,7 @@ class HttpClient:
             self.ssl = ssl_context or ssl.create_default_context()
         self._idle: deque[_Connection] = deque()
         self._open: set[_Connection] = set()
+        self._closed = False
 
     @property
     def authority(self) -> str:
@@ -307,7 +349,19 @@ class HttpClient:
         return host if self.port == default else f"{host}:{self.port}"
 
     async def send(self, request: bytes) -> Response:
-        """Send one complete request (head and body) and return its answer."""
+        """Send one complete request (head and body) and return its answer.
+
+        Raises:
+            ClientClosed: after :meth:`aclose`, or when it cut this request off.
+        """
+        try:
+            return await self._send(request)
+        except HttpError as exc:
+            if self._closed and not isinstance(exc, ClientClosed):  # we closed it, not the server
+                raise ClientClosed("HTTP client closed during the request") from exc
+            raise
+
+    async def _send(self, request: bytes) -> Response:
         connection, reused = await self._acquire()
         try:
             return await connection.exchange(request, self.timeout)
@@ -323,6 +377,8 @@ class HttpClient:
             self._release(connection)
 
     async def aclose(self) -> None:
+        """Close every connection; a request after this raises :class:`ClientClosed`."""
+        self._closed = True
         for connection in list(self._open):
             connection.close()
         self._open.clear()
@@ -337,13 +393,16 @@ class HttpClient:
         return await self._connect(), False
 
     def _release(self, connection: _Connection) -> None:
-        if connection.reusable and not connection.closed and len(self._idle) < self.pool_size:
+        if (connection.reusable and not connection.closed and not self._closed
+                and len(self._idle) < self.pool_size):
             self._idle.append(connection)
         else:
             connection.close()
             self._open.discard(connection)
 
     async def _connect(self) -> _Connection:
+        if self._closed:
+            raise ClientClosed("HTTP client closed: no new connections")
         loop = asyncio.get_running_loop()
         server_hostname = self.host if self.ssl else None
         try:
@@ -354,5 +413,8 @@ class HttpClient:
             raise ConnectTimeout() from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectError(str(exc) or type(exc).__name__) from exc
+        if self._closed:  # closed while this connection was being opened
+            connection.close()
+            raise ClientClosed("HTTP client closed: no new connections")
         self._open.add(connection)
         return connection
