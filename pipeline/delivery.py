@@ -11,7 +11,7 @@ from pipeline.config import DestinationConfig
 from pipeline.destinations.base import Destination, Event, Outcome, retry
 from pipeline.queue import Claimed, DeliveryQueue
 from pipeline.retry import DEAD, BackoffPolicy
-from pipeline.store import now_ms
+from pipeline.store import now_ms, short_error
 
 log = logging.getLogger("trackrelay.delivery")
 
@@ -36,8 +36,28 @@ class DestinationRunner:
         return lanes + 2 if self.adapter.parallelism > 1 else max(1, lanes)
 
     async def drain(self, stopping: Callable[[], bool]) -> int:
-        """Deliver due events until none is left (or the worker stops); return how many were tried."""
-        counts = await asyncio.gather(*(self._drain_lane(stopping) for _ in range(self.lanes)))
+        """Deliver due events until none is left (or the worker stops); return how many were tried.
+
+        Raises the first lane's error (a claim or record that failed), but only once every lane
+        has ended: the others claim no more, and finish and record the batch they hold. A lane
+        left running would go on delivering untracked, after the worker closed the adapter."""
+        errors: list[Exception] = []
+
+        def lanes_stop() -> bool:
+            return bool(errors) or stopping()
+
+        async def lane() -> int:
+            try:
+                return await self._drain_lane(lanes_stop)
+            except Exception as exc:
+                errors.append(exc)
+                return 0
+
+        counts = await asyncio.gather(*(lane() for _ in range(self.lanes)))
+        if errors:
+            for other in errors[1:]:  # the first one is the job's error, logged by the worker
+                log.warning("event=lane_failed destination=%s error=%r", self.config.name, short_error(other))
+            raise errors[0]
         return sum(counts)
 
     async def _drain_lane(self, stopping: Callable[[], bool]) -> int:
@@ -51,7 +71,7 @@ class DestinationRunner:
             now = now_ms()
             decisions = [(c.id, self.policy.decide(o, c.attempts, c.created_at_ms, now))
                          for c, o in zip(claimed, outcomes)]
-            await asyncio.to_thread(self.queue.record, decisions)
+            await asyncio.to_thread(self.queue.record, claimed[0].lease, decisions)
             dead = [(c, d) for c, (_, d) in zip(claimed, decisions) if d.state == DEAD]
             for item, decision in dead[:5]:
                 log.warning("event=delivery_dead destination=%s message_id=%s attempts=%d error=%r",
@@ -61,23 +81,43 @@ class DestinationRunner:
 
     async def _deliver_under_lease(self, claimed: Sequence[Claimed]) -> list[Outcome]:
         """Call the adapter while renewing the lease, so a slow destination never causes a
-        second delivery by another worker."""
-        ids = [c.id for c in claimed]
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(self.lease_ms / 3000)
-                await asyncio.to_thread(self.queue.renew, ids, self.lease_ms)
-
-        renewer = asyncio.create_task(renew())
+        second delivery by another lane or worker."""
+        renewer = asyncio.create_task(self._renew_until_cancelled(claimed[0].lease, [c.id for c in claimed]))
         try:
             return await deliver_in_batches(self.adapter, [c.event for c in claimed], self.config.batch_size)
         finally:
             renewer.cancel()
             try:
                 await renewer
-            except (asyncio.CancelledError, Exception):  # a failed renewal only shortens the lease
+            except asyncio.CancelledError:
                 pass
+
+    async def _renew_until_cancelled(self, lease: str, ids: list[int]) -> None:
+        """Renew every third of the lease, so one failed renewal (a locked or unreachable
+        database) still leaves the next one in time. Never give up after a failure: the lease
+        would run out under the delivery in flight and another lane would send it again. A
+        failure is logged once per batch, not at every interval."""
+        failed, still_held = False, len(ids)
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            try:
+                held = await asyncio.to_thread(self.queue.renew, lease, ids, self.lease_ms)
+            except Exception as exc:
+                if not failed:
+                    log.warning("event=lease_renew_failed destination=%s lease=%s deliveries=%d error=%r "
+                                "detail='retried every %.1f s; if the lease runs out, another lane or worker "
+                                "may send these events again'", self.config.name, lease, len(ids),
+                                short_error(exc), self.lease_ms / 3000)
+                failed = True
+                continue
+            if held < still_held:
+                log.warning("event=lease_lost destination=%s lease=%s deliveries=%d held=%d "
+                            "detail='the lease ran out before it was renewed: these events may be sent twice, "
+                            "and only their new holder records the outcome'",
+                            self.config.name, lease, len(ids), held)
+                still_held = held
+            if not held:
+                return  # a lost lease never comes back: its token is not handed out again
 
 
 async def deliver_in_batches(adapter: Destination, events: Sequence[Event], batch_size: int) -> list[Outcome]:

@@ -1,13 +1,15 @@
 """The delivery queue: claim due deliveries with a lease, renew it, record outcomes.
 
 Contract (every call is blocking and runs its own short transaction):
-- ``claim(destination, limit, lease_ms)`` leases up to ``limit`` due deliveries to this worker:
+- ``claim(destination, limit, lease_ms)`` leases up to ``limit`` due deliveries under a new
+  lease token, ``<worker id>:<claim number>``, stored in ``locked_by`` and on each ``Claimed``:
   their ``attempts`` go up by one, ``locked_until_ms`` and ``next_attempt_at_ms`` move to the
   end of the lease. Nobody else can claim them until the lease runs out. On Postgres several
   workers claim concurrently (``FOR UPDATE SKIP LOCKED``).
-- ``renew(ids, lease_ms)`` extends this worker's leases; leases it no longer holds are ignored.
-- ``record(decisions)`` stores outcomes in one transaction, only for rows this worker still
-  holds, so a worker that lost a lease cannot overwrite its new holder's result.
+- ``renew(lease, ids, lease_ms)`` extends the rows that lease still holds; others are ignored.
+- ``record(lease, decisions)`` stores outcomes in one transaction, only for rows that lease
+  still holds. The token is per claim, not per worker: a worker's lanes claim side by side, and
+  a lane whose lease ran out must not overwrite the result of the lane that claimed the row next.
 - ``take_back_leases()`` makes every leased delivery due now: only safe when no other worker
   can be running (SQLite, at start-up).
 - ``release_expired()`` clears leases that ran out (the lease reaper); repeating it is harmless.
@@ -15,6 +17,7 @@ Contract (every call is blocking and runs its own short transaction):
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import uuid
@@ -51,8 +54,16 @@ _SQLITE_DELIVERED = _DELIVERED_SET.format(mark="?") + "id IN (SELECT value FROM 
 _PG_DELIVERED = _DELIVERED_SET.format(mark="%s") + "id = ANY(%s)"
 
 
+# locked_by is VARCHAR(64) (Postgres enforces it): an owner of up to 50 characters leaves room
+# for ":" and a claim number of 13 digits.
+OWNER_MAX_LENGTH = 50
+# Claim numbers are unique in the process, so two queues given the same owner (tests, tools) still
+# hand out distinct tokens; next() on a count is atomic under the GIL, so claim threads may share it.
+_claim_numbers = itertools.count(1)
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True)
@@ -61,41 +72,46 @@ class Claimed:
     attempts: int
     created_at_ms: int
     event: dict[str, Any]
+    lease: str  # the claim's token in locked_by: pass it to renew() and record()
 
 
 class DeliveryQueue:
     def __init__(self, store: Store, owner: str | None = None) -> None:
         self.store = store
         self.owner = owner or worker_id()
+        if len(self.owner) > OWNER_MAX_LENGTH:
+            raise ValueError(f"a delivery queue owner has at most {OWNER_MAX_LENGTH} characters "
+                             f"(locked_by also holds the claim number): {self.owner!r}")
 
     def claim(self, destination: str, limit: int, lease_ms: int) -> list[Claimed]:
         now = now_ms()
         until = now + lease_ms
+        lease = f"{self.owner}:{next(_claim_numbers)}"
         with self.store.engine.begin() as conn:
             if self.store.backend == "postgresql":
                 # One round trip: lock the due rows nobody holds, lease them, return their events.
-                rows = conn.exec_driver_sql(_PG_CLAIM, (destination, now, limit, until, until, self.owner, now)).all()
+                rows = conn.exec_driver_sql(_PG_CLAIM, (destination, now, limit, until, until, lease, now)).all()
                 rows.sort(key=lambda r: r[0])  # RETURNING has no order; keep the oldest first
             else:
                 # SQLite: BEGIN IMMEDIATE already made this transaction the only writer.
                 rows = conn.exec_driver_sql(_SQLITE_DUE, (destination, now, limit)).all()
                 if rows:
-                    conn.exec_driver_sql(_SQLITE_LEASE, (until, until, self.owner, now,
+                    conn.exec_driver_sql(_SQLITE_LEASE, (until, until, lease, now,
                                                          orjson.dumps([r[0] for r in rows])))
         loads = orjson.loads
-        return [Claimed(r[0], r[1] + 1, r[2], loads(r[3])) for r in rows]
+        return [Claimed(r[0], r[1] + 1, r[2], loads(r[3]), lease) for r in rows]
 
-    def renew(self, ids: Sequence[int], lease_ms: int) -> int:
+    def renew(self, lease: str, ids: Sequence[int], lease_ms: int) -> int:
         if not ids:
             return 0
         until = now_ms() + lease_ms
         with self.store.engine.begin() as conn:
             result = conn.execute(update(deliveries).where(
-                deliveries.c.id.in_(list(ids)), deliveries.c.locked_by == self.owner,
+                deliveries.c.id.in_(list(ids)), deliveries.c.locked_by == lease,
                 deliveries.c.state == "pending").values(locked_until_ms=until, next_attempt_at_ms=until))
             return result.rowcount
 
-    def record(self, decisions: Sequence[tuple[int, Decision]]) -> None:
+    def record(self, lease: str, decisions: Sequence[tuple[int, Decision]]) -> None:
         if not decisions:
             return
         now = now_ms()
@@ -106,14 +122,14 @@ class DeliveryQueue:
                    "b_error": d.error.replace("\x00", "") if d.error else d.error,
                    "b_finished": now if d.state == DEAD else None}
                   for i, d in decisions if d.state != DELIVERED]
-        mine = and_(deliveries.c.locked_by == self.owner, deliveries.c.state == "pending")
+        held = and_(deliveries.c.locked_by == lease, deliveries.c.state == "pending")
         with self.store.engine.begin() as conn:
             if delivered:
                 ids: Any = delivered if self.store.backend == "postgresql" else orjson.dumps(delivered)
                 conn.exec_driver_sql(_PG_DELIVERED if self.store.backend == "postgresql" else _SQLITE_DELIVERED,
-                                     (now, self.owner, ids))
+                                     (now, lease, ids))
             if others:
-                conn.execute(update(deliveries).where(deliveries.c.id == bindparam("b_id"), mine).values(
+                conn.execute(update(deliveries).where(deliveries.c.id == bindparam("b_id"), held).values(
                     state=bindparam("b_state"), next_attempt_at_ms=bindparam("b_next"),
                     last_error=bindparam("b_error"), finished_at_ms=bindparam("b_finished"),
                     locked_until_ms=None, locked_by=None), others)

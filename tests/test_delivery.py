@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from sqlalchemy.exc import OperationalError
+
 from pipeline.config import DestinationConfig
 from pipeline.delivery import DestinationRunner, deliver_in_batches, deliver_isolating
 from pipeline.destinations.base import DELIVERED, Destination, Event, NoOptions, Outcome, rejected, retry
@@ -71,7 +73,7 @@ def test_the_lease_is_renewed_while_a_slow_delivery_is_in_flight(store: Store) -
         renewed = rows(store, "deliveries")[0]
 
         assert DeliveryQueue(store, "other").claim("hook", 10, 60_000) == []
-        assert renewed["locked_by"] == "runner"
+        assert renewed["locked_by"].startswith("runner:")
         assert renewed["locked_until_ms"] > first_lease
     finally:
         adapter.release.set()
@@ -82,6 +84,55 @@ def test_the_lease_is_renewed_while_a_slow_delivery_is_in_flight(store: Store) -
     (row,) = rows(store, "deliveries")
     assert (row["id"], row["state"], row["attempts"], row["locked_by"], row["locked_until_ms"]) == \
         (delivery_id, "delivered", 1, None, None)
+
+
+class QueueFailingSomeRenewals(DeliveryQueue):
+    """The real queue, except that the renewals numbered in ``failing`` raise, as a database
+    locked past its busy timeout would: a fake failure on a real store."""
+
+    def __init__(self, store: Store, failing: set[int]) -> None:
+        super().__init__(store, "runner")
+        self.failing = failing
+        self.renewals = 0
+
+    def renew(self, lease: str, ids: Sequence[int], lease_ms: int) -> int:
+        self.renewals += 1
+        if self.renewals in self.failing:
+            raise OperationalError("UPDATE deliveries", {}, Exception("database is locked"))
+        return super().renew(lease, ids, lease_ms)
+
+
+def test_the_lease_is_still_renewed_after_a_renewal_failed(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    delivery_id = add_delivery(store, add_event(store, "m1"))
+    adapter = SlowFakeDestination()
+    config = DestinationConfig(name="hook", type="fake", options=NoOptions(), batch_size=10, claim_size=10)
+    # Renewals come every third of the lease: the first and the third fail, each leaving the
+    # next one in time.
+    queue = QueueFailingSomeRenewals(store, failing={1, 3})
+    runner = DestinationRunner(config, adapter, queue, lease_seconds=1.5)
+    tried: list[int] = []
+    thread = threading.Thread(target=lambda: tried.append(asyncio.run(runner.drain(lambda: False))))
+    with caplog.at_level(logging.WARNING, logger="trackrelay.delivery"):
+        thread.start()
+        try:
+            assert adapter.started.wait(30)
+            first_lease = rows(store, "deliveries")[0]["locked_until_ms"]
+            wait_for(lambda: now_ms() > first_lease + 1500, "the first lease to run out twice over")
+
+            assert DeliveryQueue(store, "other").claim("hook", 10, 60_000) == []
+            assert rows(store, "deliveries")[0]["locked_until_ms"] > now_ms()
+        finally:
+            adapter.release.set()
+            thread.join(30)
+
+    assert tried == [1]
+    assert adapter.calls == [["m1"]]
+    (row,) = rows(store, "deliveries")
+    assert (row["id"], row["state"], row["attempts"]) == (delivery_id, "delivered", 1)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "trackrelay.delivery"]
+    assert len(warnings) == 1, warnings  # once per batch, not at every failed renewal
+    assert warnings[0].startswith("event=lease_renew_failed destination=hook lease=runner:")
+    assert "deliveries=1 error='database is locked'" in warnings[0]
 
 
 # --- poison isolation ----------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_replay_of_pending_deliveries_leaves_a_leased_one_alone(store: Store, tr
         (0, "replayed 1 pending deliveries to hook\n", "")
 
     assert by_id(store)[leased] == leased_before
-    assert (leased_before["locked_by"], leased_before["attempts"]) == ("w1", 1)
+    assert leased_before["locked_by"].startswith("w1:") and leased_before["attempts"] == 1
     retried = by_id(store)[waiting]
     assert (retried["state"], retried["attempts"], retried["next_attempt_at_ms"] <= now_ms()) == ("pending", 0, True)
 

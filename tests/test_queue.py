@@ -12,7 +12,7 @@ import orjson
 import pytest
 from sqlalchemy import insert, select
 
-from pipeline.queue import DeliveryQueue
+from pipeline.queue import OWNER_MAX_LENGTH, DeliveryQueue, worker_id
 from pipeline.retry import Decision
 from pipeline.schema import deliveries, events
 from pipeline.store import Store, now_ms
@@ -61,10 +61,11 @@ def test_claim_returns_due_deliveries_with_their_event_payloads(store: Store) ->
 def test_claim_counts_the_attempt_and_leases_the_row_to_its_owner(store: Store) -> None:
     (delivery_id,) = pending_hook_deliveries(store, 1)
 
-    DeliveryQueue(store, "w1").claim("hook", 10, LONG)
+    (claimed,) = DeliveryQueue(store, "w1").claim("hook", 10, LONG)
 
     row = delivery(store, delivery_id)
-    assert (row["state"], row["attempts"], row["locked_by"]) == ("pending", 1, "w1")
+    assert (row["state"], row["attempts"], row["locked_by"]) == ("pending", 1, claimed.lease)
+    assert claimed.lease.startswith("w1:")
     assert row["locked_until_ms"] == row["next_attempt_at_ms"] == row["last_attempt_at_ms"] + LONG
 
 
@@ -89,18 +90,19 @@ def test_leased_deliveries_are_not_claimed_again_until_the_lease_runs_out(store:
 
     again = second.claim("hook", 10, LONG)
     assert [(c.id, c.attempts) for c in again] == [(i, 2) for i in ids]
-    assert {delivery(store, i)["locked_by"] for i in ids} == {"w2"}
+    assert {delivery(store, i)["locked_by"] for i in ids} == {again[0].lease}
+    assert again[0].lease.startswith("w2:")
 
 
 def test_renew_extends_only_the_owners_leases(store: Store) -> None:
     mine, theirs = pending_hook_deliveries(store, 2)
     queue, other = DeliveryQueue(store, "w1"), DeliveryQueue(store, "w2")
-    queue.claim("hook", 1, SHORT)
+    (claimed,) = queue.claim("hook", 1, SHORT)
     other.claim("hook", 1, SHORT)
     theirs_before = delivery(store, theirs)
 
     before = now_ms()
-    assert queue.renew([mine, theirs], LONG) == 1
+    assert queue.renew(claimed.lease, [mine, theirs], LONG) == 1
 
     row = delivery(store, mine)
     assert row["locked_until_ms"] == row["next_attempt_at_ms"] >= before + LONG
@@ -112,21 +114,21 @@ def test_renew_extends_only_the_owners_leases(store: Store) -> None:
 def test_renew_ignores_deliveries_already_recorded(store: Store) -> None:
     (delivery_id,) = pending_hook_deliveries(store, 1)
     queue = DeliveryQueue(store, "w1")
-    queue.claim("hook", 1, LONG)
-    queue.record([(delivery_id, Decision("delivered"))])
+    (claimed,) = queue.claim("hook", 1, LONG)
+    queue.record(claimed.lease, [(delivery_id, Decision("delivered"))])
 
-    assert queue.renew([delivery_id], LONG) == 0
-    assert queue.renew([], LONG) == 0
+    assert queue.renew(claimed.lease, [delivery_id], LONG) == 0
+    assert queue.renew(claimed.lease, [], LONG) == 0
 
 
 def test_record_stores_each_outcome_and_releases_the_lease(store: Store) -> None:
     sent, later, gone = pending_hook_deliveries(store, 3)
     queue = DeliveryQueue(store, "w1")
-    queue.claim("hook", 10, LONG)
+    lease = queue.claim("hook", 10, LONG)[0].lease
     retry_at = now_ms() + 7000
 
     before = now_ms()
-    queue.record([(sent, Decision("delivered")), (later, Decision("pending", retry_at, "HTTP 503: busy")),
+    queue.record(lease, [(sent, Decision("delivered")), (later, Decision("pending", retry_at, "HTTP 503: busy")),
                   (gone, Decision("dead", error="rejected: HTTP 400: bad"))])
     after = now_ms()
 
@@ -145,11 +147,11 @@ def test_record_stores_each_outcome_and_releases_the_lease(store: Store) -> None
 def test_a_retried_delivery_comes_back_when_it_is_due(store: Store) -> None:
     (delivery_id,) = pending_hook_deliveries(store, 1)
     queue = DeliveryQueue(store, "w1")
-    queue.claim("hook", 1, LONG)
+    (claimed,) = queue.claim("hook", 1, LONG)
 
-    queue.record([(delivery_id, Decision("pending", now_ms() + LONG, "timeout"))])
+    queue.record(claimed.lease, [(delivery_id, Decision("pending", now_ms() + LONG, "timeout"))])
     assert queue.claim("hook", 1, LONG) == []
-    queue.record([])
+    queue.record(claimed.lease, [])
 
     with store.engine.begin() as conn:
         conn.execute(deliveries.update().values(next_attempt_at_ms=now_ms() - 1))
@@ -159,15 +161,54 @@ def test_a_retried_delivery_comes_back_when_it_is_due(store: Store) -> None:
 def test_record_is_ignored_for_a_delivery_whose_lease_another_worker_took(store: Store) -> None:
     (delivery_id,) = pending_hook_deliveries(store, 1)
     slow, fresh = DeliveryQueue(store, "slow"), DeliveryQueue(store, "fresh")
-    slow.claim("hook", 1, SHORT)
+    (stale,) = slow.claim("hook", 1, SHORT)
     let_short_leases_run_out()
-    fresh.claim("hook", 1, LONG)
+    (held,) = fresh.claim("hook", 1, LONG)
 
-    slow.record([(delivery_id, Decision("dead", error="rejected: late"))])
-    assert (delivery(store, delivery_id)["state"], delivery(store, delivery_id)["locked_by"]) == ("pending", "fresh")
+    slow.record(stale.lease, [(delivery_id, Decision("dead", error="rejected: late"))])
+    assert (delivery(store, delivery_id)["state"], delivery(store, delivery_id)["locked_by"]) == ("pending", held.lease)
 
-    fresh.record([(delivery_id, Decision("delivered"))])
+    fresh.record(held.lease, [(delivery_id, Decision("delivered"))])
     assert (delivery(store, delivery_id)["state"], delivery(store, delivery_id)["attempts"]) == ("delivered", 2)
+
+
+@pytest.mark.parametrize("same_queue", [True, False], ids=["one-queue", "two-queues-one-owner"])
+def test_a_stale_claim_cannot_renew_or_overwrite_the_claim_of_the_same_owner_that_took_its_rows(
+        store: Store, same_queue: bool) -> None:
+    """Lanes of one worker share its owner: a lane whose lease ran out may neither renew the row
+    nor record over the lane that claimed it next, whether it records before or after it."""
+    (delivery_id,) = pending_hook_deliveries(store, 1)
+    lane_a = DeliveryQueue(store, "w1")
+    lane_b = lane_a if same_queue else DeliveryQueue(store, "w1")
+    (stale,) = lane_a.claim("hook", 1, SHORT)
+    let_short_leases_run_out()
+    (held,) = lane_b.claim("hook", 1, LONG)
+    assert stale.lease != held.lease
+    assert stale.lease.startswith("w1:") and held.lease.startswith("w1:")
+    held_row = delivery(store, delivery_id)
+
+    assert lane_a.renew(stale.lease, [delivery_id], LONG) == 0
+    lane_a.record(stale.lease, [(delivery_id, Decision("pending", now_ms() + LONG, "HTTP 503"))])
+    assert delivery(store, delivery_id) == held_row
+
+    lane_b.record(held.lease, [(delivery_id, Decision("delivered"))])
+    lane_a.record(stale.lease, [(delivery_id, Decision("dead", error="rejected: HTTP 400"))])
+    row = delivery(store, delivery_id)
+    assert (row["state"], row["attempts"], row["locked_by"], row["last_error"]) == ("delivered", 2, None, None)
+
+
+def test_the_longest_owner_still_fits_its_lease_tokens_in_locked_by(store: Store) -> None:
+    # Postgres refuses a locked_by past 64 characters; SQLite would store it silently.
+    (delivery_id,) = pending_hook_deliveries(store, 1)
+    queue = DeliveryQueue(store, "h" * OWNER_MAX_LENGTH)
+
+    (claimed,) = queue.claim("hook", 1, LONG)
+
+    assert delivery(store, delivery_id)["locked_by"] == claimed.lease
+    assert len(claimed.lease.rsplit(":", 1)[0]) + len(":") + 13 <= deliveries.c.locked_by.type.length
+    assert len(worker_id()) <= OWNER_MAX_LENGTH
+    with pytest.raises(ValueError, match="at most 50 characters"):
+        DeliveryQueue(store, "h" * (OWNER_MAX_LENGTH + 1))
 
 
 def test_take_back_leases_makes_every_leased_delivery_due_now(store: Store) -> None:
@@ -189,14 +230,14 @@ def test_release_expired_clears_only_leases_that_ran_out(store: Store) -> None:
     expired, held = pending_hook_deliveries(store, 2)
     queue = DeliveryQueue(store, "w1")
     queue.claim("hook", 1, SHORT)
-    queue.claim("hook", 1, LONG)
+    (still_held,) = queue.claim("hook", 1, LONG)
     let_short_leases_run_out()
 
     assert queue.release_expired() == 1
     assert queue.release_expired() == 0
 
     assert (delivery(store, expired)["locked_until_ms"], delivery(store, expired)["locked_by"]) == (None, None)
-    assert delivery(store, held)["locked_by"] == "w1"
+    assert delivery(store, held)["locked_by"] == still_held.lease
     assert [c.id for c in DeliveryQueue(store, "w2").claim("hook", 10, LONG)] == [expired]
 
 
@@ -233,7 +274,7 @@ def test_concurrent_claims_on_postgres_never_hand_out_the_same_delivery(postgres
     counts = Counter(i for ids in claimed.values() for i in ids)
     assert sorted(counts) == expected
     assert set(counts.values()) == {1}
-    owners = {d["id"]: (d["locked_by"], d["attempts"]) for d in rows(store, "deliveries")}
+    owners = {d["id"]: (d["locked_by"].rsplit(":", 1)[0], d["attempts"]) for d in rows(store, "deliveries")}
     assert owners == {i: (owner, 1) for owner, ids in claimed.items() for i in ids}
     assert sum(1 for ids in claimed.values() if ids) > 1
 
@@ -254,9 +295,9 @@ def add_many_deliveries(store: Store, count: int) -> list[int]:
 def test_an_error_holding_nul_is_recorded_without_it_and_with_the_rest_of_the_batch(store: Store) -> None:
     sent, later = pending_hook_deliveries(store, 2)
     queue = DeliveryQueue(store, "w1")
-    queue.claim("hook", 10, LONG)
+    lease = queue.claim("hook", 10, LONG)[0].lease
 
-    queue.record([(sent, Decision("delivered")), (later, Decision("pending", now_ms(), "HTTP 503: a\x00b"))])
+    queue.record(lease, [(sent, Decision("delivered")), (later, Decision("pending", now_ms(), "HTTP 503: a\x00b"))])
 
     assert [(d["state"], d["last_error"]) for d in rows(store, "deliveries")] == [
         ("delivered", None), ("pending", "HTTP 503: ab")]

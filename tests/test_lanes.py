@@ -1,0 +1,120 @@
+"""DestinationRunner.drain runs several claim lanes: when one fails, drain ends with all of them.
+
+The others claim no more but finish and record the batch they hold, and drain raises only once
+every lane has ended: a lane left running would deliver after the worker closed the adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from pipeline.config import DestinationConfig
+from pipeline.delivery import DestinationRunner
+from pipeline.destinations.base import DELIVERED, Destination, Event, NoOptions, Outcome
+from pipeline.queue import DeliveryQueue
+from pipeline.retry import Decision
+from pipeline.store import Store
+from stored_rows import add_delivery, add_event, opened_store, rows
+
+BATCH = 5
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    yield from opened_store(database_url)
+
+
+class QueueFailingFirstRecord(DeliveryQueue):
+    """The real queue, except that its first record() raises, as a database locked past its busy
+    timeout would: a fake failure on a real store."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store, "w1")
+        self.failed = threading.Event()
+        self._lock = threading.Lock()
+
+    def record(self, lease: str, decisions: Sequence[tuple[int, Decision]]) -> None:
+        with self._lock:
+            first = not self.failed.is_set()
+            self.failed.set()
+        if first:
+            raise OperationalError("UPDATE deliveries", {}, Exception("database is locked"))
+        super().record(lease, decisions)
+
+
+class LanesHeldFake(Destination):
+    """A fake destination that answers the batch holding m0 once every lane holds a batch, and
+    the others when the test releases them; it counts the calls made after close()."""
+
+    def __init__(self, lanes: int) -> None:
+        super().__init__("hook", NoOptions(), BATCH)
+        self.lanes = lanes
+        self.calls: list[list[str]] = []
+        self.every_lane_busy = asyncio.Event()
+        self.release = asyncio.Event()
+        self.closed = False
+        self.calls_after_close = 0
+
+    @property
+    def parallelism(self) -> int:
+        return 2
+
+    async def deliver(self, events: Sequence[Event]) -> list[Outcome]:
+        sent = [e["messageId"] for e in events]
+        self.calls.append(sent)
+        self.calls_after_close += self.closed
+        if len(self.calls) == self.lanes:
+            self.every_lane_busy.set()
+        await asyncio.wait_for((self.every_lane_busy if "m0" in sent else self.release).wait(), 30)
+        return [DELIVERED] * len(events)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def until(condition: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_one_failing_lane_ends_drain_only_after_the_others_recorded_their_batch(store: Store) -> None:
+    delivery_ids = {f"m{i}": add_delivery(store, add_event(store, f"m{i}")) for i in range(40)}
+    config = DestinationConfig(name="hook", type="fake", options=NoOptions(), batch_size=BATCH, claim_size=BATCH)
+    queue = QueueFailingFirstRecord(store)
+    adapter = LanesHeldFake(lanes=4)
+    runner = DestinationRunner(config, adapter, queue, lease_seconds=60)
+    assert runner.lanes == adapter.lanes  # two connections' worth of batches, and two lanes more
+
+    async def main() -> set[asyncio.Task[Any]]:
+        drain = asyncio.create_task(runner.drain(lambda: False))
+        # The lane holding m0 fails to record while the three others still hold their batch;
+        # they are let go only once that failure had time to reach drain.
+        await until(queue.failed.is_set, "the first record to fail")
+        await asyncio.sleep(0.3)
+        adapter.release.set()
+        with pytest.raises(OperationalError, match="database is locked"):
+            await drain
+        left_running = asyncio.all_tasks() - {asyncio.current_task()}
+        await adapter.close()  # as Worker.stop() does once the job has ended
+        await asyncio.sleep(1.0)  # time for a lane left running to claim and deliver again
+        return left_running
+
+    assert asyncio.run(main()) == set()
+    assert adapter.calls_after_close == 0
+    assert len(adapter.calls) == 4  # one batch per lane: none claimed after the failure
+    states = {d["id"]: (d["state"], d["attempts"], d["locked_by"] is not None) for d in rows(store, "deliveries")}
+    (failed_batch,) = [sent for sent in adapter.calls if "m0" in sent]
+    for sent in adapter.calls:
+        # The failed lane's outcome is lost: its rows come back when their lease runs out.
+        expected = ("pending", 1, True) if sent is failed_batch else ("delivered", 1, False)
+        assert [states.pop(delivery_ids[m]) for m in sent] == [expected] * BATCH
+    assert set(states.values()) == {("pending", 0, False)}
+    assert len(states) == 40 - 4 * BATCH
