@@ -124,6 +124,8 @@ class WebhookDestination(Destination):
 
     async def deliver(self, events: Sequence[Event]) -> list[Outcome]:
         size = self.batch_size
+        if 0 < len(events) <= size:  # one request: no gather, whose tasks cost more than the request
+            return await self._send(events)
         chunks = [events[i:i + size] for i in range(0, len(events), size)]
         answers = await asyncio.gather(*(self._send(chunk) for chunk in chunks))
         return [outcome for answer in answers for outcome in answer]
