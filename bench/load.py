@@ -14,6 +14,7 @@ from bench.messages import USER_AGENT
 from bench.processes import LOAD_CPUS, BenchError, cpu_list
 
 POST_LUA = Path(__file__).with_name("post.lua")
+UNIQUE_LUA = Path(__file__).with_name("unique.lua")  # a new messageId on every request
 
 
 def require_wrk() -> None:
@@ -32,9 +33,10 @@ class WrkResult:
         return f"{self.failed} of {self.requests} requests failed" if self.failed else ""
 
 
-def run_wrk(url: str, body: Path, seconds: float, connections: int, authorization: str = "") -> WrkResult:
+def run_wrk(url: str, body: Path, seconds: float, connections: int, authorization: str = "",
+            script: Path = POST_LUA) -> WrkResult:
     argv = ["taskset", "-c", cpu_list(LOAD_CPUS), "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s",
-            "--timeout", "10s", "-s", str(POST_LUA), url, "--", str(body), authorization]
+            "--timeout", "10s", "-s", str(script), url, "--", str(body), authorization]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
