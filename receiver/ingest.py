@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from typing import Any, NamedTuple
 
@@ -24,7 +25,7 @@ import tornado
 from tornado import httputil
 from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine, ResponseStartLine
 from tornado.routing import Router
-from tornado.web import Application, RequestHandler
+from tornado.web import Application
 
 from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Refused, judge, open_envelope
 from pipeline.messages import MESSAGE_TYPES, Problem
@@ -44,6 +45,9 @@ SHORT = {"identify": "i", "track": "t", "page": "p", "screen": "s", "group": "g"
 SUCCESS_BYTES = orjson.dumps(SUCCESS)
 SERVER = f"TornadoServer/{tornado.version}"
 JSON = "application/json; charset=utf-8"
+
+# What Tornado's get_query_argument turns into spaces (RequestHandler._remove_control_chars_regex).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0e-\x1f]")
 
 # Compressed bodies may be a little larger than what they inflate to (headers, stored
 # blocks); this much slack keeps Content-Length from refusing a body that fits once inflated.
@@ -97,6 +101,16 @@ class _Date:
         return cls.value
 
 
+def declared_length(value: str | None) -> int | None:
+    """A Content-Length as Tornado's body reader will take it: copies of one number (a header
+    sent twice arrives joined, "10,10") are that number; None for none or not a number."""
+    if value is None:
+        return None
+    lengths = {part.strip() for part in value.split(",")}
+    length = lengths.pop() if len(lengths) == 1 else ""
+    return int(length) if length.isascii() and length.isdigit() else None
+
+
 class IngestRequest(httputil.HTTPMessageDelegate):
     """One POST: streamed and limited, judged, committed, answered."""
 
@@ -128,16 +142,16 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         if self.refusal is not None:
             return
         self.reader = BodyReader(encoding, self.limit)
-        declared = headers.get("Content-Length")
+        declared = declared_length(headers.get("Content-Length"))
         if declared is None:
-            return  # chunked: decided while streaming
+            return  # chunked (decided while streaming), or a length Tornado's reader answers 400 to
         compressed = (encoding or "identity").strip().lower() != "identity"
-        if int(declared) > self.limit + (COMPRESSED_SLACK + self.limit // 100 if compressed else 0):
+        if declared > self.limit + (COMPRESSED_SLACK + self.limit // 100 if compressed else 0):
             self.reader.too_large = True
             # Answer at once when the client waits for "100 Continue" (it then never sends the
             # body) or when the body is past what we would read just to throw away.
             if headers.get("Expect", "").lower() == "100-continue" or \
-                    int(declared) > self.ctx.config.receiver.discard_cap_bytes:
+                    declared > self.ctx.config.receiver.discard_cap_bytes:
                 self.refuse_now(TOO_LARGE)
 
     def data_received(self, chunk: bytes) -> None:
@@ -163,7 +177,12 @@ class IngestRequest(httputil.HTTPMessageDelegate):
             log.error("event=handler_error path=%s error=%r", self.request.path, str(exc), exc_info=True)
             if not self.answered:
                 problem = Problem("http_500", "Internal Server Error", status=500, error="Internal Server Error")
-                self.answer(500, single_error(problem))
+                try:
+                    self.answer(500, single_error(problem))
+                except Exception:  # nothing can be written: closing is the only answer left
+                    log.exception("event=answer_failed path=%s", self.request.path)
+                    assert self.request.connection is not None
+                    self.request.connection.close()  # type: ignore[attr-defined]
         finally:
             self.ctx.active.discard(self)
 
@@ -220,7 +239,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         except UnicodeDecodeError:
             raise Refused(Problem("http_400", "Bad Request", f"Invalid unicode in writeKey: {values[-1][:40]!r}",
                                   status=400, error="Bad Request")) from None
-        return RequestHandler._remove_control_chars_regex.sub(" ", value).strip() or None
+        return CONTROL_CHARACTERS.sub(" ", value).strip() or None
 
     async def commit(self, body: bytes, source: str, auth_key: str | None, override_key: str | None) -> bool:
         """Commit the request; answer 503 and return False if the store cannot take it."""
@@ -239,16 +258,17 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         self.answer(problem.status, body if body is not None else self.error_body(problem))
 
     def refuse_now(self, problem: Problem) -> None:
-        self.answer(problem.status, self.error_body(problem))
+        # Answered before the body is read: the connection closes after this answer (Tornado
+        # sets that only once the answer is written, too late to say so in it).
+        self.answer(problem.status, self.error_body(problem), closing=True)
         self.task = asyncio.ensure_future(record_rejected(self.ctx, self.request, self.route.route, problem, None))
         self.task.add_done_callback(lambda _: self.ctx.active.discard(self))
 
     # -- the answer ---------------------------------------------------------------------------
 
-    def answer(self, status: int, body: dict[str, Any]) -> None:
+    def answer(self, status: int, body: dict[str, Any], closing: bool = False) -> None:
         if self.answered:
             return
-        self.answered = True
         payload = SUCCESS_BYTES if body is SUCCESS else orjson.dumps(body)
         headers = HTTPHeaders()
         headers["Server"] = SERVER
@@ -261,8 +281,11 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         if status == 503:
             headers["Retry-After"] = str(math.ceil(self.ctx.config.receiver.retry_after_seconds))
         headers["Content-Length"] = str(len(payload))
+        if closing:
+            headers["Connection"] = "close"
         connection = self.request.connection
         assert connection is not None
+        self.answered = True  # only now: an error above still leaves _run its 500 to send
         connection.set_close_callback(None)
         connection.write_headers(ResponseStartLine("", status, httputil.responses.get(status, "Unknown")),
                                  headers, payload)
