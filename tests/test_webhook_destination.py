@@ -166,3 +166,23 @@ def test_a_url_that_is_not_http_fails_at_construction(url: str) -> None:
 def test_settings_out_of_range_fail_at_construction(batch_size: int, settings: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="destination 'hook': batch_size and concurrency must be at least 1"):
         WebhookDestination("hook", WebhookOptions(url="http://127.0.0.1:9/in", **settings), batch_size)
+
+
+def test_closing_answers_every_queued_request_with_a_retry_and_sends_none_of_them(sink: HttpSink) -> None:
+    sink.answers = lambda _: Answer(200, delay=0.5)
+    destination = WebhookDestination("hook", WebhookOptions(url=sink.url, concurrency=1), 1)
+
+    async def scenario() -> list[Outcome]:
+        await destination.start()
+        delivering = asyncio.ensure_future(destination.deliver(contract_events(3)))
+        await asyncio.sleep(0.2)  # the first request is at the sink, the other two queued
+        await destination.close()
+        return await asyncio.wait_for(delivering, 5)
+
+    outcomes = asyncio.run(scenario())
+
+    assert [(o.kind, o.reason) for o in outcomes] == [
+        ("retry", "connection error (ClientClosed: the destination was closed during this request)"),
+        ("retry", "connection error (ClientClosed: the destination was closed before this request was sent)"),
+        ("retry", "connection error (ClientClosed: the destination was closed before this request was sent)")]
+    assert len(sink.requests) <= 1

@@ -2,7 +2,10 @@
 
 ``batch_size = 1`` sends each event as the request body; a larger ``batch_size`` sends
 ``{"batch": [...]}`` (the Segment batch shape) per chunk. At most ``concurrency`` requests are
-in flight at once, however many chunks a ``deliver`` call holds.
+in flight at once, however many chunks a ``deliver`` call holds: ``concurrency`` sender tasks
+take encoded requests from one queue, each sending its next request in the same step that
+reads the answer to its last, as a load generator does. (With a semaphore, the next request
+waited a turn of the event loop behind every other callback, and the destination idled.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import orjson
 
 from pipeline.destinations.base import Destination, Event, Outcome, rejected
 from pipeline.destinations.http import outcome_for_exception, outcome_for_status
-from pipeline.destinations.httpclient import HttpClient, HttpError, Response
+from pipeline.destinations.httpclient import ClientClosed, HttpClient, HttpError, Response
+
+# A request waiting for a sender, and where its answer (or the error instead) goes.
+Pending = tuple[bytes, "asyncio.Future[Response]"]
 
 
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
@@ -82,7 +88,8 @@ class WebhookDestination(Destination):
         self._url = url
         self._client: HttpClient | None = None
         self._head = b""
-        self._slots: asyncio.Semaphore | None = None
+        self._pending: asyncio.Queue[Pending] | None = None
+        self._senders: list[asyncio.Task[None]] = []
 
     def endpoint(self) -> str:
         return self.options.url
@@ -115,12 +122,42 @@ class WebhookDestination(Destination):
         lines = [b"POST " + url.raw_path + b" HTTP/1.1"]
         lines += [f"{name}: {value}".encode("ascii") for name, value in headers.values()]
         self._head = b"\r\n".join(lines) + b"\r\n"  # each request adds its own headers and the length
-        self._slots = asyncio.Semaphore(concurrency)
+        self._pending = asyncio.Queue()
+        self._senders = [asyncio.create_task(self._sender(self._client, self._pending), name=f"{self.name}-sender")
+                         for _ in range(concurrency)]
 
     async def close(self) -> None:
+        senders, self._senders = self._senders, []
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        pending, self._pending = self._pending, None
+        while pending is not None and not pending.empty():
+            _, answer = pending.get_nowait()
+            if not answer.done():
+                answer.set_exception(ClientClosed("the destination was closed before this request was sent"))
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    @staticmethod
+    async def _sender(client: HttpClient, pending: asyncio.Queue[Pending]) -> None:
+        while True:
+            request, answer = await pending.get()  # no wait while requests are queued
+            if answer.done():
+                continue  # its caller was cancelled while it waited
+            try:
+                response = await client.send(request)
+            except Exception as exc:  # HttpError, or a bug of ours: the caller's to handle, not ours to die of
+                if not answer.done():
+                    answer.set_exception(exc)
+            except asyncio.CancelledError:
+                if not answer.done():
+                    answer.set_exception(ClientClosed("the destination was closed during this request"))
+                raise
+            else:
+                if not answer.done():
+                    answer.set_result(response)
 
     async def deliver(self, events: Sequence[Event]) -> list[Outcome]:
         size = self.batch_size
@@ -131,7 +168,7 @@ class WebhookDestination(Destination):
         return [outcome for answer in answers for outcome in answer]
 
     async def _send(self, chunk: Sequence[Event]) -> list[Outcome]:
-        if self._client is None or self._slots is None:
+        if self._client is None or self._pending is None:
             raise RuntimeError(f"destination {self.name!r} is not started")
         try:
             content, headers = await self.encode(chunk)
@@ -139,9 +176,12 @@ class WebhookDestination(Destination):
             return [rejected(f"cannot encode as JSON: {exc}")] * len(chunk)
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("ascii")
         request = b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, extra, len(content), content)
-        async with self._slots:
-            try:
-                response = await self._client.send(request)
-            except HttpError as exc:
-                return [outcome_for_exception(exc)] * len(chunk)
+        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        if self._pending is None:  # closed while encoding
+            return [outcome_for_exception(ClientClosed("the destination was closed"))] * len(chunk)
+        self._pending.put_nowait((request, answer))
+        try:
+            response = await answer
+        except HttpError as exc:
+            return [outcome_for_exception(exc)] * len(chunk)
         return self.outcomes(chunk, response)
