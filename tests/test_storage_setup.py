@@ -83,3 +83,54 @@ def test_the_workers_postgres_sessions_commit_without_waiting_for_the_wal(postgr
         assert conn.execute(text("SHOW synchronous_commit")).scalar() == "off"
     receiver.dispose()
     worker.dispose()
+
+
+def _cut_sessions(url: str) -> None:
+    """End every session of the database at ``url``, as a Postgres restart does."""
+    import sqlalchemy as sa
+    admin = sa.create_engine(sa.make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :name AND pid <> pg_backend_pid()"),
+                         {"name": sa.make_url(url).database})
+    finally:
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_a_pooled_postgres_connection_cut_while_idle_is_replaced_before_use(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.store
+    from pipeline.store import Store
+    from stored_rows import outbox_row, rows
+
+    store = Store.open(DatabaseConfig(url=postgres_url))
+    try:
+        store.append([outbox_row({"type": "track"}, "track")])  # the pool now holds a connection
+        _cut_sessions(postgres_url)
+        monkeypatch.setattr(pipeline.store, "PING_AFTER_IDLE_SECONDS", 0.0)  # it has been idle "long"
+        store.append([outbox_row({"type": "track"}, "track")])  # tested, found dead, replaced
+        assert len(rows(store, "outbox")) == 2
+    finally:
+        store.dispose()
+
+
+@pytest.mark.postgres
+def test_a_postgres_connection_cut_between_busy_transactions_fails_one_write_then_recovers(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.store
+    from pipeline.store import Store, StoreUnavailable
+    from stored_rows import outbox_row, rows
+
+    store = Store.open(DatabaseConfig(url=postgres_url))
+    try:
+        store.append([outbox_row({"type": "track"}, "track")])
+        _cut_sessions(postgres_url)
+        monkeypatch.setattr(pipeline.store, "PING_AFTER_IDLE_SECONDS", 3600.0)  # never idle: no ping
+        with pytest.raises(StoreUnavailable):
+            store.append([outbox_row({"type": "track"}, "track")])  # the receiver answers this one 503
+        store.append([outbox_row({"type": "track"}, "track")])
+        assert len(rows(store, "outbox")) == 2
+    finally:
+        store.dispose()
