@@ -49,9 +49,12 @@ _PG_CLAIM = ("WITH due AS (SELECT d.id FROM deliveries d "
              "FROM due, events e WHERE deliveries.id = due.id AND e.id = deliveries.event_id "
              "RETURNING deliveries.id, deliveries.attempts - 1, deliveries.created_at_ms, e.payload")
 _DELIVERED_SET = ("UPDATE deliveries SET state = 'delivered', finished_at_ms = {mark}, locked_until_ms = NULL, "
-                  "locked_by = NULL, last_error = NULL WHERE locked_by = {mark} AND state = 'pending' AND ")
-_SQLITE_DELIVERED = _DELIVERED_SET.format(mark="?") + "id IN (SELECT value FROM json_each(?))"
-_PG_DELIVERED = _DELIVERED_SET.format(mark="%s") + "id = ANY(%s)"
+                  "locked_by = NULL, last_error = NULL WHERE locked_by = {mark} AND {state} = 'pending' AND ")
+# "+state" keeps SQLite off ix_deliveries_state_finished_at_ms: with it, SQLite walked every
+# pending delivery and tested its id against the list, so recording 100 outcomes cost as much
+# as the whole backlog (a 1M-event drain delivered 6.6k events/s, a 10k one 32-46k).
+_SQLITE_DELIVERED = _DELIVERED_SET.format(mark="?", state="+state") + "id IN (SELECT value FROM json_each(?))"
+_PG_DELIVERED = _DELIVERED_SET.format(mark="%s", state="state") + "id = ANY(%s)"
 
 
 # locked_by is VARCHAR(64) (Postgres enforces it): an owner of up to 50 characters leaves room

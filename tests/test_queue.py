@@ -6,12 +6,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from sqlalchemy import insert, select
 
+from pipeline.config import DatabaseConfig
+from pipeline.migrate import upgrade
 from pipeline.queue import OWNER_MAX_LENGTH, DeliveryQueue, worker_id
 from pipeline.retry import Decision
 from pipeline.schema import deliveries, events
@@ -301,3 +304,18 @@ def test_an_error_holding_nul_is_recorded_without_it_and_with_the_rest_of_the_ba
 
     assert [(d["state"], d["last_error"]) for d in rows(store, "deliveries")] == [
         ("delivered", None), ("pending", "HTTP 503: ab")]
+
+
+def test_recording_outcomes_on_sqlite_looks_rows_up_by_id_not_by_walking_the_pending_ones(tmp_path: Path) -> None:
+    """With the state index, SQLite walked every pending delivery to record 100 outcomes: a
+    1M-event drain delivered at a sixth of a 10k one's rate."""
+    from pipeline.queue import _SQLITE_DELIVERED
+
+    store = Store.open(DatabaseConfig(url=f"sqlite:///{tmp_path / 'plan.db'}"))
+    try:
+        upgrade(store.engine)
+        with store.engine.connect() as conn:
+            plan = [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + _SQLITE_DELIVERED, (1, "w:1", "[1]"))]
+    finally:
+        store.dispose()
+    assert plan[0] == "SEARCH deliveries USING INTEGER PRIMARY KEY (rowid=?)", plan
