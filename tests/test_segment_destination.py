@@ -145,3 +145,14 @@ def test_errors_with_an_index_outside_the_chunk_are_ignored_on_a_2xx(sink: HttpS
     sink.answers = lambda _: Answer(207, b'{"Errors": [{"Index": 5, "Message": "x"}, {"Index": true}]}')
 
     assert forward(sink.url, contract_events(2)) == [DELIVERED] * 2
+
+
+def test_a_2xx_whose_body_cannot_be_read_delivers_every_item_and_says_so(
+        sink: HttpSink, caplog: pytest.LogCaptureFixture) -> None:
+    # A gzip body that does not inflate: the client keeps the status and marks the body truncated.
+    sink.answers = lambda _: Answer(207, b"not gzip at all", {"Content-Encoding": "gzip"})
+
+    with caplog.at_level("WARNING", logger="trackrelay.destinations.segment"):
+        assert forward(sink.url, contract_events(2)) == [DELIVERED] * 2
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "trackrelay.destinations.segment"]
+    assert warning.startswith("event=answer_truncated destination=") and "status=207 events=2" in warning

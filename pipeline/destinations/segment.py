@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +24,8 @@ from pipeline.destinations.http import BODY_EXCERPT_CHARS, outcome_for_status
 from pipeline.destinations.httpclient import Response
 from pipeline.destinations.webhook import WebhookDestination
 from pipeline.normalise import iso_ms
+
+log = logging.getLogger("trackrelay.destinations.segment")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,12 @@ class SegmentDestination(WebhookDestination):
         outcome = outcome_for_status(status, response.headers, response.text)
         if outcome.kind == "retry":
             return [outcome] * len(chunk)
+        if response.truncated and outcome.delivered:
+            # Items it refused would be listed in the part we did not keep (or could not
+            # inflate): the request was taken, so every item counts as delivered, and says so.
+            log.warning("event=answer_truncated destination=%s status=%d events=%d detail='the answer "
+                        "body was cut or undecodable: item errors in it, if any, were not read'",
+                        self.name, status, len(chunk))
         failed, whole = item_errors(response.content, len(chunk))
         if not outcome.delivered and (whole or not failed):
             return [outcome] * len(chunk)  # the request as a whole was refused
