@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import threading
+from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,16 +58,27 @@ class SlowFakeDestination(Destination):
         return [DELIVERED] * len(events)
 
 
-def test_the_lease_is_renewed_while_a_slow_delivery_is_in_flight(store: Store) -> None:
-    delivery_id = add_delivery(store, add_event(store, "m1"))
-    adapter = SlowFakeDestination()
-    config = DestinationConfig(name="hook", type="fake", options=NoOptions(), batch_size=10, claim_size=10)
-    runner = DestinationRunner(config, adapter, DeliveryQueue(store, "runner"), lease_seconds=0.3)
+@contextmanager
+def draining_on_a_thread(runner: DestinationRunner, adapter: SlowFakeDestination) -> Iterator[list[int]]:
+    """``runner.drain`` on a thread, inside until the adapter holds its first call; on leaving,
+    the adapter is released and the drain awaited. Yields the list its count lands in."""
     tried: list[int] = []
     thread = threading.Thread(target=lambda: tried.append(asyncio.run(runner.drain(lambda: False))))
     thread.start()
     try:
         assert adapter.started.wait(30)
+        yield tried
+    finally:
+        adapter.release.set()
+        thread.join(30)
+
+
+def test_the_lease_is_renewed_while_a_slow_delivery_is_in_flight(store: Store) -> None:
+    delivery_id = add_delivery(store, add_event(store, "m1"))
+    adapter = SlowFakeDestination()
+    config = DestinationConfig(name="hook", type="fake", options=NoOptions(), batch_size=10, claim_size=10)
+    runner = DestinationRunner(config, adapter, DeliveryQueue(store, "runner"), lease_seconds=0.3)
+    with draining_on_a_thread(runner, adapter) as tried:
         first_lease = rows(store, "deliveries")[0]["locked_until_ms"]
         # Wait until the first lease would have run out twice over: only renewal keeps it.
         wait_for(lambda: now_ms() > first_lease + 300, "the first lease to run out")
@@ -75,9 +87,6 @@ def test_the_lease_is_renewed_while_a_slow_delivery_is_in_flight(store: Store) -
         assert DeliveryQueue(store, "other").claim("hook", 10, 60_000) == []
         assert renewed["locked_by"].startswith("runner:")
         assert renewed["locked_until_ms"] > first_lease
-    finally:
-        adapter.release.set()
-        thread.join(30)
 
     assert tried == [1]
     assert adapter.calls == [["m1"]]
@@ -110,20 +119,13 @@ def test_the_lease_is_still_renewed_after_a_renewal_failed(store: Store, caplog:
     # next one in time.
     queue = QueueFailingSomeRenewals(store, failing={1, 3})
     runner = DestinationRunner(config, adapter, queue, lease_seconds=1.5)
-    tried: list[int] = []
-    thread = threading.Thread(target=lambda: tried.append(asyncio.run(runner.drain(lambda: False))))
-    with caplog.at_level(logging.WARNING, logger="trackrelay.delivery"):
-        thread.start()
-        try:
-            assert adapter.started.wait(30)
-            first_lease = rows(store, "deliveries")[0]["locked_until_ms"]
-            wait_for(lambda: now_ms() > first_lease + 1500, "the first lease to run out twice over")
+    with caplog.at_level(logging.WARNING, logger="trackrelay.delivery"), \
+            draining_on_a_thread(runner, adapter) as tried:
+        first_lease = rows(store, "deliveries")[0]["locked_until_ms"]
+        wait_for(lambda: now_ms() > first_lease + 1500, "the first lease to run out twice over")
 
-            assert DeliveryQueue(store, "other").claim("hook", 10, 60_000) == []
-            assert rows(store, "deliveries")[0]["locked_until_ms"] > now_ms()
-        finally:
-            adapter.release.set()
-            thread.join(30)
+        assert DeliveryQueue(store, "other").claim("hook", 10, 60_000) == []
+        assert rows(store, "deliveries")[0]["locked_until_ms"] > now_ms()
 
     assert tried == [1]
     assert adapter.calls == [["m1"]]

@@ -4,13 +4,18 @@ that the pipeline and its migrations never import the receiver."""
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import text
 
+import pipeline.store
 from pipeline.config import DatabaseConfig
-from pipeline.store import create_store_engine
+from pipeline.store import Store, StoreUnavailable, create_store_engine
+from stored_rows import outbox_row, rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,52 +90,41 @@ def test_the_workers_postgres_sessions_commit_without_waiting_for_the_wal(postgr
     worker.dispose()
 
 
-def _cut_sessions(url: str) -> None:
-    """End every session of the database at ``url``, as a Postgres restart does."""
-    import sqlalchemy as sa
-    admin = sa.create_engine(sa.make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+@contextmanager
+def store_whose_pooled_connection_was_cut(url: str) -> Iterator[Store]:
+    """A Store on the Postgres at ``url`` holding one outbox row and one pooled connection,
+    whose session has then been ended, as a Postgres restart ends it."""
+    store = Store.open(DatabaseConfig(url=url))
     try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = :name AND pid <> pg_backend_pid()"),
-                         {"name": sa.make_url(url).database})
+        store.append([outbox_row({"type": "track"}, "track")])  # the pool now holds a connection
+        admin = sa.create_engine(sa.make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE datname = :name AND pid <> pg_backend_pid()"),
+                             {"name": sa.make_url(url).database})
+        finally:
+            admin.dispose()
+        yield store
     finally:
-        admin.dispose()
+        store.dispose()
 
 
 @pytest.mark.postgres
 def test_a_pooled_postgres_connection_cut_while_idle_is_replaced_before_use(
         postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.store
-    from pipeline.store import Store
-    from stored_rows import outbox_row, rows
-
-    store = Store.open(DatabaseConfig(url=postgres_url))
-    try:
-        store.append([outbox_row({"type": "track"}, "track")])  # the pool now holds a connection
-        _cut_sessions(postgres_url)
+    with store_whose_pooled_connection_was_cut(postgres_url) as store:
         monkeypatch.setattr(pipeline.store, "PING_AFTER_IDLE_SECONDS", 0.0)  # it has been idle "long"
         store.append([outbox_row({"type": "track"}, "track")])  # tested, found dead, replaced
         assert len(rows(store, "outbox")) == 2
-    finally:
-        store.dispose()
 
 
 @pytest.mark.postgres
 def test_a_postgres_connection_cut_between_busy_transactions_fails_one_write_then_recovers(
         postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.store
-    from pipeline.store import Store, StoreUnavailable
-    from stored_rows import outbox_row, rows
-
-    store = Store.open(DatabaseConfig(url=postgres_url))
-    try:
-        store.append([outbox_row({"type": "track"}, "track")])
-        _cut_sessions(postgres_url)
+    with store_whose_pooled_connection_was_cut(postgres_url) as store:
         monkeypatch.setattr(pipeline.store, "PING_AFTER_IDLE_SECONDS", 3600.0)  # never idle: no ping
         with pytest.raises(StoreUnavailable):
             store.append([outbox_row({"type": "track"}, "track")])  # the receiver answers this one 503
         store.append([outbox_row({"type": "track"}, "track")])
         assert len(rows(store, "outbox")) == 2
-    finally:
-        store.dispose()
