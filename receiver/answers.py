@@ -8,13 +8,22 @@ without them treat a final 4xx as retryable and resend the same bad batch again 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
+
+import orjson
 
 from pipeline.envelope import Verdict
 from pipeline.messages import Problem
 
 SUCCESS: dict[str, Any] = {"Success": True}
+SUCCESS_BYTES = orjson.dumps(SUCCESS)
+
+
+def retry_after(seconds: float) -> str:
+    """The Retry-After value of a 503: whole seconds, rounded up."""
+    return str(math.ceil(seconds))
 
 STORE_UNAVAILABLE = Problem("store_unavailable", "Service unavailable",
                             "the event store cannot take writes now; retry later",

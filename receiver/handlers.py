@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import Any
 
 import orjson
@@ -13,14 +12,13 @@ from tornado.web import RequestHandler
 
 from pipeline.messages import Problem
 from pipeline.store import StoreUnavailable
-from receiver.answers import STORE_UNAVAILABLE, SUCCESS, single_error
+from receiver.answers import STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, retry_after, single_error
 from receiver.context import ReceiverContext
 from receiver.cors import cors_headers
 from receiver.recording import commit_request, record_rejected
 
 log = logging.getLogger("trackrelay.receiver")
 
-SUCCESS_BYTES = orjson.dumps(SUCCESS)
 
 
 class ApiHandler(RequestHandler):
@@ -49,7 +47,7 @@ class ApiHandler(RequestHandler):
             self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         if status == 503:
-            self.set_header("Retry-After", str(math.ceil(self.ctx.config.receiver.retry_after_seconds)))
+            self.set_header("Retry-After", retry_after(self.ctx.config.receiver.retry_after_seconds))
         self.finish(SUCCESS_BYTES if body is SUCCESS else orjson.dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -100,8 +98,8 @@ class RecordingHandler(ApiHandler):
 
     route: str
 
-    async def record_rejected(self, problem: Problem, raw: bytes | None, source: str | None = None) -> None:
-        await record_rejected(self.ctx, self.request, self.route, problem, raw, source)
+    async def record_rejected(self, problem: Problem, raw: bytes | None) -> None:
+        await record_rejected(self.ctx, self.request, self.route, problem, raw)
 
     async def commit_outbox(self, body: bytes, source: str, auth_key: str | None) -> bool:
         """Commit the request; answer 503 and return False if the store cannot take it."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 from typing import Any, NamedTuple
@@ -30,7 +29,8 @@ from tornado.web import Application
 from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Refused, judge, open_envelope
 from pipeline.messages import MESSAGE_TYPES, Problem
 from pipeline.store import StoreUnavailable
-from receiver.answers import STORE_UNAVAILABLE, SUCCESS, batch_error, batch_verdicts, single_error
+from receiver.answers import (STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, batch_error, batch_verdicts, retry_after,
+                              single_error)
 from receiver.auth import basic_auth_username
 from receiver.body import TOO_LARGE, BodyError, BodyReader, encoding_problem
 from receiver.context import ReceiverContext
@@ -42,7 +42,6 @@ log = logging.getLogger("trackrelay.receiver")
 # Single-message routes and their one-letter aliases.
 SHORT = {"identify": "i", "track": "t", "page": "p", "screen": "s", "group": "g", "alias": "a"}
 
-SUCCESS_BYTES = orjson.dumps(SUCCESS)
 SERVER = f"TornadoServer/{tornado.version}"
 JSON = "application/json; charset=utf-8"
 
@@ -279,7 +278,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
                                         self.ctx.config.receiver.cors_origins).items():
             headers[name] = value
         if status == 503:
-            headers["Retry-After"] = str(math.ceil(self.ctx.config.receiver.retry_after_seconds))
+            headers["Retry-After"] = retry_after(self.ctx.config.receiver.retry_after_seconds)
         headers["Content-Length"] = str(len(payload))
         if closing:
             headers["Connection"] = "close"
