@@ -449,3 +449,28 @@ def test_spec_malformed_examples_get_a_clear_invalid_json(receiver: RunningRecei
                       "message": "Invalid JSON"}
     assert_only_rejected(receiver, path.removeprefix("/v1/"), 400, "invalid_json", f"Invalid JSON: {details}",
                          example.encode())
+
+
+def test_an_unexpected_error_is_a_json_500_logged_and_the_connection_still_serves(
+        receiver: RunningReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug of ours while judging (injected: judge raises once) answers like Tornado would, in
+    our JSON shape, stores nothing, and the next request on the same connection is served."""
+    from receiver import ingest
+
+    real_judge = ingest.judge
+    calls: list[int] = []
+
+    def judge_failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("injected")
+        return real_judge(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "judge", judge_failing_once)
+    first = receiver.post("/v1/track", TRACK)
+    assert (first.status_code, first.json()) == (500, single_error(
+        "http_500", "Internal Server Error", "", error="Internal Server Error"))
+    assert "event=handler_error path=/v1/track" in caplog.text
+    second = receiver.post("/v1/track", TRACK)  # the same keep-alive client connection
+    assert (second.status_code, second.json()) == (200, SUCCESS)
+    assert len(receiver.outbox()) == 1
