@@ -15,7 +15,7 @@ from sqlalchemy import insert, select
 
 from pipeline.config import DatabaseConfig
 from pipeline.migrate import upgrade
-from pipeline.queue import OWNER_MAX_LENGTH, DeliveryQueue, worker_id
+from pipeline.queue import OWNER_MAX_LENGTH, DeliveryQueue, ResumePoints, worker_id
 from pipeline.retry import Decision
 from pipeline.schema import deliveries, events
 from pipeline.store import Store, now_ms
@@ -280,6 +280,50 @@ def test_concurrent_claims_on_postgres_never_hand_out_the_same_delivery(postgres
     owners = {d["id"]: (d["locked_by"].rsplit(":", 1)[0], d["attempts"]) for d in rows(store, "deliveries")}
     assert owners == {i: (owner, 1) for owner, ids in claimed.items() for i in ids}
     assert sum(1 for ids in claimed.values() if ids) > 1
+
+
+@pytest.mark.postgres
+def test_on_postgres_claims_in_a_backlog_start_after_the_last_row_claimed(postgres_store: Store) -> None:
+    """A claimed row leaves a dead entry at the front of the claim index until vacuum: claims
+    from the front stepped over all of them, and a 1M backlog drained at half speed."""
+    store = postgres_store
+    now = now_ms()
+    ids = [add_delivery(store, add_event(store, f"m{i}"), next_attempt_at_ms=now - 1000 + i) for i in range(6)]
+    queue = DeliveryQueue(store, "w1")
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == ids[:2]
+    # Due before the rows already claimed, as a decoder's late commit would be.
+    late = add_delivery(store, add_event(store, "late"), next_attempt_at_ms=now - 5000)
+
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == ids[2:4]
+    # Short from the resume point: the rest comes from the front, the late row first.
+    assert [c.id for c in queue.claim("hook", 3, LONG)] == [late, *ids[4:]]
+    assert queue.claim("hook", 3, LONG) == []
+
+
+@pytest.mark.postgres
+def test_on_postgres_a_row_due_behind_the_resume_point_waits_at_most_its_age(postgres_store: Store) -> None:
+    store = postgres_store
+    now = now_ms()
+    ids = [add_delivery(store, add_event(store, f"m{i}"), next_attempt_at_ms=now - 1000 + i) for i in range(4)]
+    queue = DeliveryQueue(store, "w1")
+    queue.resume_points = ResumePoints(max_age=0.05)
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == ids[:2]
+    late = add_delivery(store, add_event(store, "late"), next_attempt_at_ms=now - 5000)
+    time.sleep(0.1)
+
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == [late, ids[2]]
+
+
+@pytest.mark.postgres
+def test_on_postgres_a_resumed_claim_is_an_index_range_not_a_filter(postgres_store: Store) -> None:
+    from pipeline.queue import _PG_CLAIM_AFTER
+
+    with postgres_store.engine.begin() as conn:
+        plan = [row[0].strip() for row in conn.exec_driver_sql(
+            "EXPLAIN " + _PG_CLAIM_AFTER, ("hook", 10, 5, 7, 100, 1, 1, "w:1", 1))]
+    (row_compare,) = [i for i, line in enumerate(plan) if "ROW(next_attempt_at_ms, id) > ROW(" in line]
+    assert plan[row_compare].startswith("Index Cond: ((destination = 'hook'::text) AND "), plan
+    assert "Index Scan using ix_deliveries_claim on deliveries d" in plan[row_compare - 1], plan
 
 
 def add_many_deliveries(store: Store, count: int) -> list[int]:
