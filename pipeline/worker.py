@@ -30,6 +30,7 @@ from pipeline.decoder import Decoder
 from pipeline.delivery import DestinationRunner
 from pipeline.destinations.base import Destination
 from pipeline.destinations.registry import destination_type
+from pipeline.heap import settle_for_serving
 from pipeline.maintenance import apply_retention, checkpoint_wal
 from pipeline.queue import DeliveryQueue
 from pipeline.store import Store, is_unavailable, normalise_url, short_error
@@ -261,6 +262,7 @@ def run_worker(config: Config) -> int:
     import signal
 
     limit_malloc_arenas()
+    settle_for_serving()
 
     async def main() -> None:
         stop = asyncio.Event()

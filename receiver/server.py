@@ -12,6 +12,7 @@ from tornado.netutil import bind_sockets
 
 from pipeline import loop as event_loop
 from pipeline.config import Config
+from pipeline.heap import settle_for_serving
 from pipeline.migrate import current_revision, head_revision, upgrade
 from pipeline.store import Store
 from receiver.app import make_router
@@ -82,6 +83,7 @@ def run_receiver(config: Config, sockets: list[socket]) -> int:
         await serve_until(config, sockets, stop)
         return 0
 
+    settle_for_serving()  # everything imported and configured: freeze it (pipeline/heap.py)
     return event_loop.run(until_signalled())
 
 
