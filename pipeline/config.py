@@ -301,6 +301,9 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
                                   f"(configured: {', '.join(sorted(known)) or 'none'})")
     config = Config(sources=sources, destinations=destinations, log_level=log_level.upper(), **sections)
     _check_limits(config.receiver)
+    if config.worker.lease_seconds < 1:
+        raise ConfigError("[worker] lease_seconds: must be at least 1 (a claim is leased, and renewed, "
+                          "for this long)")
     return config
 
 

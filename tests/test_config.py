@@ -152,6 +152,7 @@ ERRORS = {
                      "TRACKRELAY_DATABASE_LOCK_TIMEOUT_SECONDS: must not be negative"),
     "zero_limit": ("[receiver]\nmax_call_bytes = 0\n", None, "[receiver] max_call_bytes: must be at least 1"),
     "zero_processes": ("[receiver]\nprocesses = 0\n", None, "[receiver] processes: must be at least 1"),
+    "short_lease": ("[worker]\nlease_seconds = 0.5\n", None, "[worker] lease_seconds: must be at least 1"),
     "unknown_key": ("[receiver]\nprot = 8000\n", None, "[receiver] prot: unknown key"),
     "unknown_section": ("[reciever]\nport = 8000\n", None, "reciever: unknown section"),
     "section_not_a_table": ('receiver = "x"\n', None, "[receiver]: expected a table"),

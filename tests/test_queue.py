@@ -301,6 +301,64 @@ def test_on_postgres_claims_in_a_backlog_start_after_the_last_row_claimed(postgr
 
 
 @pytest.mark.postgres
+def test_on_postgres_a_claim_topped_up_from_the_front_resumes_after_the_rows_it_took_there(
+        postgres_store: Store) -> None:
+    """Rows due behind the point that outnumber a claim are then taken in order, each claim
+    after the last, not by a claim from the front each time."""
+    store = postgres_store
+    now = now_ms()
+    ids = [add_delivery(store, add_event(store, f"m{i}"), next_attempt_at_ms=now - 1000 + i) for i in range(4)]
+    queue = DeliveryQueue(store, "w1")
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == ids[:2]
+    late = [add_delivery(store, add_event(store, f"late{i}"), next_attempt_at_ms=now - 5000 + i) for i in range(4)]
+
+    assert [c.id for c in queue.claim("hook", 3, LONG)] == [late[0], *ids[2:]]
+    point = queue.resume_points.start("hook")
+    assert point is not None and point.after == (now - 5000, late[0])
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == late[1:3]
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == late[3:]
+    assert queue.resume_points.start("hook") is None  # that claim came back short
+    assert queue.claim("hook", 2, LONG) == []
+
+
+@pytest.mark.postgres
+def test_on_postgres_lanes_sharing_one_queue_claim_every_delivery_once(postgres_store: Store) -> None:
+    store = postgres_store
+    total = 1000
+    expected = add_many_deliveries(store, total)
+    queue = DeliveryQueue(store, "w1")  # one worker: its lanes share the queue and its resume points
+    claimed: list[list[int]] = [[] for _ in range(6)]
+    errors: list[BaseException] = []
+
+    def lane(mine: list[int]) -> None:
+        try:
+            while got := queue.claim("hook", 25, LONG):
+                mine += [c.id for c in got]
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=lane, args=(mine,)) for mine in claimed]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert errors == []
+    counts = Counter(i for mine in claimed for i in mine)
+    assert sorted(counts) == expected
+    assert set(counts.values()) == {1}
+    assert all(d["attempts"] == 1 for d in rows(store, "deliveries"))
+
+
+def test_a_claim_needs_a_lease_of_at_least_a_millisecond(store: Store) -> None:
+    (delivery_id,) = pending_hook_deliveries(store, 1)
+
+    with pytest.raises(ValueError, match="at least 1 ms"):
+        DeliveryQueue(store, "w1").claim("hook", 10, 0)
+    assert delivery(store, delivery_id)["attempts"] == 0
+
+
+@pytest.mark.postgres
 def test_on_postgres_a_row_due_behind_the_resume_point_waits_at_most_its_age(postgres_store: Store) -> None:
     store = postgres_store
     now = now_ms()
