@@ -235,10 +235,14 @@ class Worker:
         log.info("event=stopped role=worker")
 
 
-async def run_worker_until(config: Config, stop: asyncio.Event) -> None:
+async def run_worker_until(config: Config, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
+    """Run a worker until ``stop`` is set; ``started`` is called once it works (a process
+    settles its heap then: pipeline/heap.py)."""
     worker = Worker(config)
     try:
         await worker.start()
+        if started is not None:
+            started()
         await stop.wait()
     finally:
         await worker.stop()
@@ -262,14 +266,13 @@ def run_worker(config: Config) -> int:
     import signal
 
     limit_malloc_arenas()
-    settle_for_serving()
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_worker_until(config, stop)
+        await run_worker_until(config, stop, started=settle_for_serving)
 
     try:
         event_loop.run(main())

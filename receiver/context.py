@@ -9,7 +9,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.sources import SourceRegistry
 from pipeline.store import Store
-from pipeline.wakeup import outbox_signal
+from pipeline.wakeup import SqliteSignal, outbox_signal
 from receiver.commit import GroupCommitter
 
 
@@ -21,6 +21,8 @@ class ReceiverContext:
     sources: SourceRegistry
     # Requests being received or committed; shutdown waits for them to be answered.
     active: set[Any] = field(default_factory=set)
+    # SQLite: the socket that wakes the worker after each commit; closed once drained.
+    wakeup: SqliteSignal | None = None
 
     @classmethod
     def create(cls, config: Config, store: Store) -> ReceiverContext:
@@ -28,7 +30,8 @@ class ReceiverContext:
         committer = GroupCommitter(store, max_rows=config.receiver.commit_max_rows,
                                    timeout=config.database.lock_timeout_seconds + 5,
                                    on_commit=signal.send if signal is not None else None)
-        return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources))
+        return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
+                   wakeup=signal)
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout``) for active requests to be answered, then for the committer."""
@@ -37,3 +40,6 @@ class ReceiverContext:
         while self.active and loop.time() < deadline:
             await asyncio.sleep(0.01)
         await self.committer.close()
+        if self.wakeup is not None:
+            self.wakeup.close()  # after the committer: its last commits still wake the worker
+            self.wakeup = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from socket import socket
 
 from tornado.httpserver import HTTPServer
@@ -12,7 +13,7 @@ from tornado.netutil import bind_sockets
 
 from pipeline import loop as event_loop
 from pipeline.config import Config
-from pipeline.heap import settle_for_serving
+from pipeline.heap import freeze_before_fork, settle_for_serving
 from pipeline.migrate import current_revision, head_revision, upgrade
 from pipeline.store import Store
 from receiver.app import make_router
@@ -62,6 +63,7 @@ def serve(config: Config, migrate: bool = False, with_worker: bool = False) -> i
              receiver.port, receiver.processes, with_worker, config.database.url.split("://")[0])
     if receiver.processes == 1 and not with_worker:
         return run_receiver(config, sockets)
+    freeze_before_fork()
     targets = [lambda: run_receiver(config, sockets)] * receiver.processes
     if with_worker:
         targets.append(lambda: _worker_process(config, sockets))
@@ -80,15 +82,17 @@ def run_receiver(config: Config, sockets: list[socket]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve_until(config, sockets, stop)
+        await serve_until(config, sockets, stop, started=settle_for_serving)
         return 0
 
-    settle_for_serving()  # everything imported and configured: freeze it (pipeline/heap.py)
     return event_loop.run(until_signalled())
 
 
-async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event) -> None:
-    """Serve on ``sockets`` until ``stop`` is set, then finish in-flight commits and return."""
+async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event,
+                      started: Callable[[], None] | None = None) -> None:
+    """Serve on ``sockets`` until ``stop`` is set, then finish in-flight commits and return.
+    ``started`` is called once the server accepts connections (a process settles its heap
+    then: pipeline/heap.py)."""
     store = Store.open(config.database)
     ctx = ReceiverContext.create(config, store)
     server = HTTPServer(make_router(ctx), xheaders=config.receiver.trust_forwarded_headers,
@@ -98,6 +102,8 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
                         max_body_size=config.receiver.discard_cap_bytes + 1,
                         idle_connection_timeout=120)
     server.add_sockets(sockets)
+    if started is not None:
+        started()
     log.info("event=started role=receiver")
     await stop.wait()
     log.info("event=stopping role=receiver in_flight=%d", len(ctx.active))

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from tornado.netutil import bind_sockets
 
 import pipeline.worker
 import receiver.server
 from conftest import make_config
 from pipeline.heap import YOUNG_THRESHOLD
+from pipeline.migrate import upgrade
 
 PROBE = """
 import gc, json
@@ -34,29 +40,64 @@ def test_settling_freezes_what_the_process_holds_and_raises_only_the_young_thres
     assert threshold_after == [YOUNG_THRESHOLD, *threshold_before[1:]]
 
 
-def _settled_before_the_loop_runs(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'heap.db'}"
+    engine = sa.create_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+def _settles_then_stops(monkeypatch: pytest.MonkeyPatch, module: Any, check: Any) -> list[Any]:
+    """Replace ``module``'s settle_for_serving with one that records what ``check`` sees at
+    that moment and then stops the process's loop the way SIGTERM does in production."""
+    seen: list[Any] = []
+
+    def settle() -> None:
+        seen.append(check())
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler turns it into a clean stop
+
+    monkeypatch.setattr(module, "settle_for_serving", settle)
+    return seen
+
+
+def test_a_receiver_process_settles_its_heap_once_it_accepts_connections(
+        monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
+    sockets = bind_sockets(0, "127.0.0.1")
+    port = sockets[0].getsockname()[1]
+
+    def accepts() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return True
+
+    seen = _settles_then_stops(monkeypatch, receiver.server, accepts)
+
+    assert receiver.server.run_receiver(make_config(sqlite_url), sockets) == 0
+    assert seen == [True]
+
+
+def test_a_worker_process_settles_its_heap_once_it_has_started(
+        monkeypatch: pytest.MonkeyPatch, sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(pipeline.worker, "limit_malloc_arenas", lambda: True)  # leave this process's malloc alone
+    caplog.set_level("INFO", logger="trackrelay")
+    seen = _settles_then_stops(monkeypatch, pipeline.worker,
+                               lambda: any("event=started role=worker" in r.getMessage() for r in caplog.records))
+
+    assert pipeline.worker.run_worker(make_config(sqlite_url)) == 0
+    assert seen == [True]
+
+
+def test_a_parent_freezes_its_objects_just_before_it_forks_its_processes(
+        monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(module, "settle_for_serving", lambda: calls.append("settle"))
-
-    def run(main: Coroutine[Any, Any, Any]) -> int:
-        main.close()  # never started: only the order of the calls is under test
-        calls.append("loop")
-        return 0
-
-    monkeypatch.setattr(module.event_loop, "run", run)
-    return calls
-
-
-def test_a_receiver_process_settles_its_heap_before_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _settled_before_the_loop_runs(monkeypatch, receiver.server)
-
-    assert receiver.server.run_receiver(make_config("sqlite:///unused.db"), []) == 0
-    assert calls == ["settle", "loop"]
-
-
-def test_a_worker_process_settles_its_heap_before_it_works(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _settled_before_the_loop_runs(monkeypatch, pipeline.worker)
-    monkeypatch.setattr(pipeline.worker, "limit_malloc_arenas", lambda: True)
-
-    assert pipeline.worker.run_worker(make_config("sqlite:///unused.db")) == 0
-    assert calls == ["settle", "loop"]
+    sockets = bind_sockets(0, "127.0.0.1")
+    monkeypatch.setattr(receiver.server, "bind_sockets", lambda port, host: sockets)
+    monkeypatch.setattr(receiver.server, "freeze_before_fork", lambda: calls.append("freeze"))
+    monkeypatch.setattr(receiver.server, "supervise", lambda targets: calls.append(f"fork {len(targets)}") or 0)
+    try:
+        assert receiver.server.serve(make_config(sqlite_url, processes=2)) == 0
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert calls == ["freeze", "fork 2"]

@@ -65,3 +65,22 @@ def test_a_signal_with_nobody_listening_is_harmless(tmp_path: Path) -> None:
     assert signal is not None
     signal.send()  # no worker: must neither raise nor block
     signal.close()
+
+
+def test_a_receiver_closes_its_wakeup_socket_once_drained(tmp_path: Path) -> None:
+    from conftest import make_config
+    from receiver.context import ReceiverContext
+
+    url = f"sqlite:///{tmp_path / 'closing.db'}"
+    store = Store.open(DatabaseConfig(url=url))
+    try:
+        ctx = ReceiverContext.create(make_config(url), store)
+        wakeup = ctx.wakeup
+        assert wakeup is not None and wakeup._socket.fileno() >= 0
+
+        asyncio.run(ctx.drain(0))
+
+        assert ctx.wakeup is None
+        assert wakeup._socket.fileno() == -1  # closed, not left for the garbage collector
+    finally:
+        store.dispose()
