@@ -137,6 +137,33 @@ def test_the_lease_is_still_renewed_after_a_renewal_failed(store: Store, caplog:
     assert "deliveries=1 error='database is locked'" in warnings[0]
 
 
+def test_a_lease_lost_while_delivering_is_logged_and_its_outcome_left_to_the_new_holder(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    delivery_id = add_delivery(store, add_event(store, "m1"))
+    adapter = SlowFakeDestination()
+    config = DestinationConfig(name="hook", type="fake", options=NoOptions(), batch_size=10, claim_size=10)
+    # Every renewal fails until well after the 1.5 s lease ran out: meanwhile another worker
+    # claims the delivery, and the next renewal that gets through finds it held by that one.
+    queue = QueueFailingSomeRenewals(store, failing={1, 2, 3, 4, 5})
+    runner = DestinationRunner(config, adapter, queue, lease_seconds=1.5)
+    other = DeliveryQueue(store, "other")
+    with caplog.at_level(logging.WARNING, logger="trackrelay.delivery"), \
+            draining_on_a_thread(runner, adapter) as tried:
+        (taken,) = wait_for(lambda: other.claim("hook", 10, 60_000), "the lease to run out and the other claim")
+
+        def lost() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "event=lease_lost" in r.getMessage()]
+
+        (warning,) = wait_for(lost, "the renewal to find the lease lost")
+
+    assert warning.startswith("event=lease_lost destination=hook lease=runner:")
+    assert "deliveries=1 held=0" in warning
+    assert tried == [1]
+    # The first holder's "delivered" is not recorded: the row is the other worker's now.
+    (row,) = rows(store, "deliveries")
+    assert (row["id"], row["state"], row["attempts"], row["locked_by"]) == (delivery_id, "pending", 2, taken.lease)
+
+
 # --- poison isolation ----------------------------------------------------------------------------
 
 class RecordingFake(Destination):

@@ -118,3 +118,32 @@ def test_one_failing_lane_ends_drain_only_after_the_others_recorded_their_batch(
         assert [states.pop(delivery_ids[m]) for m in sent] == [expected] * BATCH
     assert set(states.values()) == {("pending", 0, False)}
     assert len(states) == 40 - 4 * BATCH
+
+
+class QueueFailingEveryRecord(DeliveryQueue):
+    """The real queue, except that every record() raises, each with its lane's lease in the error."""
+
+    def record(self, lease: str, decisions: Sequence[tuple[int, Decision]]) -> None:
+        raise OperationalError("UPDATE deliveries", {}, Exception(f"database is locked ({lease})"))
+
+
+def test_when_several_lanes_fail_drain_raises_the_first_and_logs_each_of_the_others(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    for i in range(4 * BATCH):
+        add_delivery(store, add_event(store, f"m{i}"))
+    config = DestinationConfig(name="hook", type="fake", options=NoOptions(), batch_size=BATCH, claim_size=BATCH)
+    adapter = LanesHeldFake(lanes=4)
+    adapter.release.set()  # every batch is answered once all four lanes hold one
+    runner = DestinationRunner(config, adapter, QueueFailingEveryRecord(store, "w1"), lease_seconds=60)
+
+    with caplog.at_level("WARNING", logger="trackrelay.delivery"), \
+            pytest.raises(OperationalError, match="database is locked") as raised:
+        asyncio.run(runner.drain(lambda: False))
+
+    others = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=lane_failed")]
+    assert len(others) == 3  # the first error is the job's, logged by the worker
+    leases = {str(raised.value)} | set(others)
+    assert all("destination=hook" in line for line in others)
+    # Four distinct errors, one per lane: none is logged twice, none is lost.
+    assert len({line.split("(w1:")[1].split(")")[0] for line in leases}) == 4
+    assert len(adapter.calls) == 4  # no lane claimed again after a failure
