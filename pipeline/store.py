@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -120,10 +121,9 @@ def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={timeout_ms}")
-        # Switching to WAL needs an exclusive lock, which a busy database may refuse at once;
-        # WAL is a property of the file, so only the connection that finds it off switches it.
+        # WAL is a property of the file, so only a connection that finds it off switches it.
         if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            cur.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cur, config.lock_timeout_seconds)
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -134,6 +134,24 @@ def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _switch_to_wal(cur: Any, timeout: float) -> None:
+    """Switching to WAL needs an exclusive lock, which SQLite refuses at once, without waiting
+    out busy_timeout, while another connection holds a lock: two connections opening a new
+    file together (a receiver's first request and a worker) would make one fail. Retry until
+    the switch is done, by us or by the other connection, or ``timeout`` has passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+        if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+            return
 
 
 def is_unavailable(exc: BaseException) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -128,3 +129,47 @@ def test_a_postgres_connection_cut_between_busy_transactions_fails_one_write_the
             store.append([outbox_row({"type": "track"}, "track")])  # the receiver answers this one 503
         store.append([outbox_row({"type": "track"}, "track")])
         assert len(rows(store, "outbox")) == 2
+
+
+def test_connections_opening_a_new_sqlite_file_together_all_switch_it_to_wal(tmp_path: Path) -> None:
+    """SQLite refuses the switch to WAL at once, without waiting out busy_timeout, when another
+    connection is switching too (each holds a shared lock and wants the exclusive one): a
+    receiver's first request and the test reading its outbox made one of them fail."""
+    import threading
+
+    failures: list[BaseException] = []
+    for round_ in range(30):
+        path = tmp_path / f"new-{round_}.db"
+        sa.create_engine(f"sqlite:///{path}").dispose()
+        with sqlite3_connection(path) as plain:
+            plain.execute("CREATE TABLE t (x)")  # a file in the default (rollback journal) mode
+        barrier = threading.Barrier(4)
+
+        def open_together(path: Path = path, barrier: threading.Barrier = barrier) -> None:
+            store = Store.open(DatabaseConfig(url=f"sqlite:///{path}", lock_timeout_seconds=5))
+            try:
+                barrier.wait(5)
+                with store.engine.connect() as conn:
+                    assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+            finally:
+                store.dispose()
+
+        threads = [threading.Thread(target=open_together) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert failures == []
+
+
+@contextmanager
+def sqlite3_connection(path: Path) -> Iterator[Any]:
+    import sqlite3
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
