@@ -83,16 +83,20 @@ def postgres_url(postgres_template: str) -> Iterator[str]:
     admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A migrated database of each backend: a SQLite file under tmp_path, or a fresh Postgres DB."""
-    if request.param == "postgres":
-        return request.getfixturevalue("postgres_url")
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A migrated SQLite file under tmp_path."""
     url = f"sqlite:///{tmp_path / 'trackrelay.db'}"
     engine = sa.create_engine(url)
     upgrade(engine)
     engine.dispose()
     return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """A migrated database of each backend: a SQLite file under tmp_path, or a fresh Postgres DB."""
+    return request.getfixturevalue("postgres_url" if request.param == "postgres" else "sqlite_url")
 
 
 def make_config(database_url: str, sources: dict[str, list[str]] | None = None,

@@ -8,18 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from tornado.netutil import bind_sockets
 
 import pipeline.worker
 import receiver.server
 from conftest import make_config
 from pipeline.heap import YOUNG_THRESHOLD
-from pipeline.migrate import upgrade
 
 PROBE = """
 import gc, json
@@ -38,15 +35,6 @@ def test_settling_freezes_what_the_process_holds_and_raises_only_the_young_thres
     assert frozen_before == 0
     assert frozen_after > 1000  # what the interpreter and its imports hold
     assert threshold_after == [YOUNG_THRESHOLD, *threshold_before[1:]]
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'heap.db'}"
-    engine = sa.create_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    return url
 
 
 def _settles_then_stops(monkeypatch: pytest.MonkeyPatch, module: Any, check: Any) -> list[Any]:

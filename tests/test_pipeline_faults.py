@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from conftest import RunningReceiver, unique_id
 from http_sink import Answer
-from pipeline.migrate import upgrade
 from pipeline_harness import (Database, Pipeline, Process, Processes, ScriptedSink, read_config, wait_for,
                               webhook, write_config)
 
@@ -220,15 +218,6 @@ def test_two_workers_on_postgres_share_the_work_and_deliver_no_event_twice(
     finally:
         receiver.stop()
         db.dispose()
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'trackrelay.db'}"
-    engine = sa.create_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    return url
 
 
 def test_a_second_worker_on_sqlite_exits_1_saying_another_worker_runs(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,28 +252,18 @@ def test_concurrent_claims_on_postgres_never_hand_out_the_same_delivery(postgres
     claimed: dict[str, list[int]] = {f"w{i}": [] for i in range(threads)}
     count_lock = threading.Lock()
     seen = [0]
-    errors: list[BaseException] = []
 
     def work(owner: str) -> None:
         queue = DeliveryQueue(store, owner)
-        try:
-            while True:
-                got = [c.id for c in queue.claim("hook", 25, LONG)]
-                claimed[owner] += got
-                with count_lock:
-                    seen[0] += len(got)
-                    if seen[0] >= total and not got:
-                        return
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        while True:
+            got = [c.id for c in queue.claim("hook", 25, LONG)]
+            claimed[owner] += got
+            with count_lock:
+                seen[0] += len(got)
+                if seen[0] >= total and not got:
+                    return
 
-    workers = [threading.Thread(target=work, args=(owner,)) for owner in claimed]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-
-    assert errors == []
+    assert errors_on_threads(work, list(claimed)) == []
     counts = Counter(i for ids in claimed.values() for i in ids)
     assert sorted(counts) == expected
     assert set(counts.values()) == {1}
@@ -328,22 +318,12 @@ def test_on_postgres_lanes_sharing_one_queue_claim_every_delivery_once(postgres_
     expected = add_many_deliveries(store, total)
     queue = DeliveryQueue(store, "w1")  # one worker: its lanes share the queue and its resume points
     claimed: list[list[int]] = [[] for _ in range(6)]
-    errors: list[BaseException] = []
 
     def lane(mine: list[int]) -> None:
-        try:
-            while got := queue.claim("hook", 25, LONG):
-                mine += [c.id for c in got]
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        while got := queue.claim("hook", 25, LONG):
+            mine += [c.id for c in got]
 
-    threads = [threading.Thread(target=lane, args=(mine,)) for mine in claimed]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-
-    assert errors == []
+    assert errors_on_threads(lane, claimed) == []
     counts = Counter(i for mine in claimed for i in mine)
     assert sorted(counts) == expected
     assert set(counts.values()) == {1}
@@ -382,6 +362,24 @@ def test_on_postgres_a_resumed_claim_is_an_index_range_not_a_filter(postgres_sto
     (row_compare,) = [i for i, line in enumerate(plan) if "ROW(next_attempt_at_ms, id) > ROW(" in line]
     assert plan[row_compare].startswith("Index Cond: ((destination = 'hook'::text) AND "), plan
     assert "Index Scan using ix_deliveries_claim on deliveries d" in plan[row_compare - 1], plan
+
+
+def errors_on_threads(work: Callable[[Any], None], each: Sequence[Any]) -> list[BaseException]:
+    """``work(item)`` for every item, each on its own thread, all at once; what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(item: Any) -> None:
+        try:
+            work(item)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(item,)) for item in each]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return errors
 
 
 def add_many_deliveries(store: Store, count: int) -> list[int]:
