@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, select, tuple_, update
+from sqlalchemy.exc import DBAPIError
 
 from pipeline.config import Config
 from pipeline.normalise import DecodedEvent, Expansion, StoredRequest, expand
@@ -81,7 +82,7 @@ class Decoder:
         except Exception as exc:  # a bug of ours on one row must not stop the rows behind it either
             if is_unavailable(exc):
                 raise
-            log.warning("event=decode_group_failed rows<=%d error=%r action=row_by_row", limit, short_error(exc))
+            log.warning("event=decode_group_failed rows<=%d error=%r action=row_by_row", limit, _described(exc))
         totals = DecodeResult(0, 0, 0, 0, 0)
         after_id = 0
         for _ in range(limit):
@@ -163,9 +164,9 @@ class Decoder:
             conn.execute(update(outbox).where(outbox.c.id == row.id).values(state="failed"))
             conn.execute(rejected.insert().values(
                 received_at_ms=row.received_at_ms, route=row.route, source=None, status=500, code="decode_failed",
-                reason=f"outbox row {row.id} could not be stored: {short_error(exc)}"[:2000],
+                reason=f"outbox row {row.id} could not be stored: {_described(exc)}"[:2000],
                 raw=row.body[: self.config.receiver.rejected_raw_bytes], remote_addr=row.remote_addr))
-        log.error("event=decode_row_failed outbox_id=%d error=%r", row.id, short_error(exc))
+        log.error("event=decode_row_failed outbox_id=%d error=%r", row.id, _described(exc))
         return row.id
 
     @staticmethod
@@ -268,3 +269,8 @@ def _add(a: DecodeResult, b: DecodeResult) -> DecodeResult:
     return DecodeResult(a.rows + b.rows, a.events + b.events, a.duplicates + b.duplicates,
                         a.deliveries + b.deliveries, a.refused + b.refused, max(a.last_id, b.last_id))
 
+
+def _described(exc: BaseException) -> str:
+    """A database error's own message; anything else (a bug of ours) with its type too: a
+    KeyError's message is only the key."""
+    return short_error(exc) if isinstance(exc, DBAPIError) else f"{type(exc).__name__}: {short_error(exc)}"

@@ -335,8 +335,8 @@ def test_a_batch_context_nested_too_deep_refuses_each_message_it_would_be_merged
                              "deep cannot be stored")]
 
 
-def test_a_row_that_trips_a_bug_of_ours_is_set_aside_and_the_rest_decode(store: Store,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_row_that_trips_a_bug_of_ours_is_set_aside_and_the_rest_decode(
+        store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Not a database refusal: any exception while decoding one row (injected here, since a
     real one would be a bug we fix) must not stop the rows behind it."""
     store.append([outbox_row(track("m1"), "track"), outbox_row(track("trips"), "track"),
@@ -351,10 +351,16 @@ def test_a_row_that_trips_a_bug_of_ours_is_set_aside_and_the_rest_decode(store: 
 
     monkeypatch.setattr(Decoder, "expand", tripping_expand)
 
-    result = subject.decode_pending()
+    with caplog.at_level("WARNING", logger="trackrelay"):
+        result = subject.decode_pending()
 
     assert (result.rows, result.events, result.refused) == (3, 2, 1)
     assert [e["message_id"] for e in rows(store, "events")] == ["m1", "m3"]
     assert states(store) == ["done", "failed", "done"]
     [record] = rows(store, "rejected")
     assert record["code"] == "decode_failed" and "injected fault" in record["reason"]
+    # The group failed once, then row by row only the row that trips is set aside, by its id.
+    trips_id = next(r["id"] for r in rows(store, "outbox") if r["state"] == "failed")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("trackrelay")] == [
+        "event=decode_group_failed rows<=100 error=\"KeyError: 'injected fault'\" action=row_by_row",
+        f"event=decode_row_failed outbox_id={trips_id} error=\"KeyError: 'injected fault'\""]
