@@ -150,41 +150,41 @@ class DeliveryQueue:
         now = now_ms()
         until = now + lease_ms
         lease = f"{self.owner}:{next(_claim_numbers)}"
-        point: _ResumePoint | None = None
-        with self.store.engine.begin() as conn:
-            if self.store.backend == "postgresql":
-                rows, point = self._claim_postgres(conn, destination, limit, now, until, lease)
-            else:
+        if self.store.backend == "postgresql":
+            rows = self._claim_postgres(destination, limit, now, until, lease)
+        else:
+            with self.store.engine.begin() as conn:
                 # SQLite: BEGIN IMMEDIATE already made this transaction the only writer.
                 rows = conn.exec_driver_sql(_SQLITE_DUE, (destination, now, limit)).all()
                 if rows:
                     conn.exec_driver_sql(_SQLITE_LEASE, (until, until, lease, now,
                                                          orjson.dumps([r[0] for r in rows])))
-        if self.store.backend == "postgresql":
-            self.resume_points.set(destination, point)  # only once the claim is committed
         loads = orjson.loads
         return [Claimed(r[0], r[1] + 1, r[2], loads(r[3]), lease) for r in rows]
 
-    def _claim_postgres(self, conn: Any, destination: str, limit: int, now: int, until: int,
-                        lease: str) -> tuple[list[Any], _ResumePoint | None]:
+    def _claim_postgres(self, destination: str, limit: int, now: int, until: int, lease: str) -> list[Any]:
         """One round trip (two when a resumed range runs short): lock the due rows nobody holds,
-        lease them, return their events, oldest first, and where the next claim starts."""
+        lease them and return them with their events, oldest first; then move the resume point."""
         leased = (until, until, lease, now)
         start = self.resume_points.start(destination)
-        rows: list[Any] = []
-        if start is not None:
-            rows = conn.exec_driver_sql(_PG_CLAIM_AFTER, (destination, now, *start.after, limit, *leased)).all()
-            if len(rows) == limit:
-                rows.sort(key=_claim_order)
-                return rows, _ResumePoint(_claim_order(rows[-1]), start.since)
-        # From the front: the whole claim, or the rest of one whose range ran out (rows behind
-        # the point may be due). The rows the first statement leased are no longer due.
-        wanted = limit - len(rows)
-        front = conn.exec_driver_sql(_PG_CLAIM_FROM_FRONT, (destination, now, wanted, *leased)).all()
-        front.sort(key=_claim_order)  # RETURNING has no order
-        point = _ResumePoint(_claim_order(front[-1]), time.monotonic()) if len(front) == wanted else None
-        rows = sorted(rows + front, key=_claim_order)
-        return rows, point
+        with self.store.engine.begin() as conn:
+            after: list[Any] = [] if start is None else conn.exec_driver_sql(
+                _PG_CLAIM_AFTER, (destination, now, *start.after, limit, *leased)).all()
+            # From the front: the whole claim, or the rest of one whose range ran out (rows
+            # behind the point may be due). The rows leased just above are no longer due.
+            wanted = limit - len(after)
+            front = conn.exec_driver_sql(_PG_CLAIM_FROM_FRONT, (destination, now, wanted, *leased)).all() \
+                if wanted else []
+        # Only once the claim is committed. RETURNING has no order: _claim_order restores it.
+        if start is not None and after and not wanted:
+            self.resume_points.set(destination, _ResumePoint(_claim_order(max(after, key=_claim_order)),
+                                                             start.since))
+        elif front and len(front) == wanted:
+            self.resume_points.set(destination, _ResumePoint(_claim_order(max(front, key=_claim_order)),
+                                                             time.monotonic()))
+        else:
+            self.resume_points.set(destination, None)
+        return sorted(after + front, key=_claim_order)
 
     def renew(self, lease: str, ids: Sequence[int], lease_ms: int) -> int:
         if not ids:
