@@ -301,9 +301,7 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
                                   f"(configured: {', '.join(sorted(known)) or 'none'})")
     config = Config(sources=sources, destinations=destinations, log_level=log_level.upper(), **sections)
     _check_limits(config.receiver)
-    if config.worker.lease_seconds < 1:
-        raise ConfigError("[worker] lease_seconds: must be at least 1 (a claim is leased, and renewed, "
-                          "for this long)")
+    _check_worker(config.worker)
     return config
 
 
@@ -362,6 +360,12 @@ def _check_destination(dest: DestinationConfig, where: str) -> None:
             raise ConfigError(f"{where} types: {kind!r} is not one of {', '.join(MESSAGE_TYPES)}")
     if dest.claim_size < dest.batch_size:
         raise ConfigError(f"{where} claim_size: must be at least batch_size")
+
+
+def _check_worker(worker: WorkerConfig) -> None:
+    if worker.lease_seconds < 1:
+        raise ConfigError("[worker] lease_seconds: must be at least 1 (a claim is leased, and renewed, "
+                          "for this long)")
 
 
 def _check_limits(receiver: ReceiverConfig) -> None:

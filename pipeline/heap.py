@@ -25,15 +25,15 @@ import gc
 YOUNG_THRESHOLD = 10_000
 
 
+def freeze_before_fork() -> None:
+    """Freeze what the process holds; what it left as garbage is freed first, not frozen."""
+    gc.collect()
+    gc.freeze()
+
+
 def settle_for_serving() -> None:
     """Call once start-up is done (application, connections, adapters), in the process that
     serves: after any fork, never in a process that will run other things afterwards (tests)."""
-    gc.collect()  # what start-up left as garbage is freed, not frozen
-    gc.freeze()
+    freeze_before_fork()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, middle, old)
-
-
-def freeze_before_fork() -> None:
-    gc.collect()
-    gc.freeze()
