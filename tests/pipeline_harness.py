@@ -53,6 +53,24 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT_SECO
         time.sleep(0.02)
 
 
+def errors_on_threads(work: Callable[[Any], None], each: Sequence[Any]) -> list[BaseException]:
+    """``work(item)`` for every item, each on its own thread, all at once; what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(item: Any) -> None:
+        try:
+            work(item)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(item,)) for item in each]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return errors
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 def _toml(value: Any) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from pipeline.queue import OWNER_MAX_LENGTH, DeliveryQueue, ResumePoints, worker
 from pipeline.retry import Decision
 from pipeline.schema import deliveries, events
 from pipeline.store import Store, now_ms
+from pipeline_harness import errors_on_threads
 from stored_rows import add_delivery, add_event, opened_store, rows
 
 LONG = 60_000
@@ -362,24 +363,6 @@ def test_on_postgres_a_resumed_claim_is_an_index_range_not_a_filter(postgres_sto
     (row_compare,) = [i for i, line in enumerate(plan) if "ROW(next_attempt_at_ms, id) > ROW(" in line]
     assert plan[row_compare].startswith("Index Cond: ((destination = 'hook'::text) AND "), plan
     assert "Index Scan using ix_deliveries_claim on deliveries d" in plan[row_compare - 1], plan
-
-
-def errors_on_threads(work: Callable[[Any], None], each: Sequence[Any]) -> list[BaseException]:
-    """``work(item)`` for every item, each on its own thread, all at once; what they raised."""
-    errors: list[BaseException] = []
-
-    def guarded(item: Any) -> None:
-        try:
-            work(item)
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(item,)) for item in each]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return errors
 
 
 def add_many_deliveries(store: Store, count: int) -> list[int]:

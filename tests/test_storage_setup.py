@@ -4,9 +4,11 @@ that the pipeline and its migrations never import the receiver."""
 from __future__ import annotations
 
 import ast
+import sqlite3
+import threading
+import time
 from collections.abc import Iterator
-from typing import Any
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from sqlalchemy import text
 import pipeline.store
 from pipeline.config import DatabaseConfig
 from pipeline.store import Store, StoreUnavailable, create_store_engine
+from pipeline_harness import errors_on_threads
 from stored_rows import outbox_row, rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,45 +134,42 @@ def test_a_postgres_connection_cut_between_busy_transactions_fails_one_write_the
         assert len(rows(store, "outbox")) == 2
 
 
+def _rollback_journal_file(path: Path) -> Path:
+    with closing(sqlite3.connect(path)) as plain:
+        plain.execute("CREATE TABLE t (x)")  # a file in the default (rollback journal) mode
+    return path
+
+
 def test_connections_opening_a_new_sqlite_file_together_all_switch_it_to_wal(tmp_path: Path) -> None:
     """SQLite refuses the switch to WAL at once, without waiting out busy_timeout, when another
     connection is switching too (each holds a shared lock and wants the exclusive one): a
     receiver's first request and the test reading its outbox made one of them fail."""
-    import threading
-
-    failures: list[BaseException] = []
     for round_ in range(30):
-        path = tmp_path / f"new-{round_}.db"
-        sa.create_engine(f"sqlite:///{path}").dispose()
-        with sqlite3_connection(path) as plain:
-            plain.execute("CREATE TABLE t (x)")  # a file in the default (rollback journal) mode
+        path = _rollback_journal_file(tmp_path / f"new-{round_}.db")
         barrier = threading.Barrier(4)
 
-        def open_together(path: Path = path, barrier: threading.Barrier = barrier) -> None:
+        def open_together(_: int, path: Path = path, barrier: threading.Barrier = barrier) -> None:
             store = Store.open(DatabaseConfig(url=f"sqlite:///{path}", lock_timeout_seconds=5))
             try:
                 barrier.wait(5)
                 with store.engine.connect() as conn:
                     assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            except BaseException as exc:  # reported by the main thread
-                failures.append(exc)
             finally:
                 store.dispose()
 
-        threads = [threading.Thread(target=open_together) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-    assert failures == []
+        assert errors_on_threads(open_together, range(4)) == []
 
 
-@contextmanager
-def sqlite3_connection(path: Path) -> Iterator[Any]:
-    import sqlite3
-
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        yield conn
-    finally:
-        conn.close()
+def test_the_switch_to_wal_gives_up_after_the_lock_timeout(tmp_path: Path) -> None:
+    path = _rollback_journal_file(tmp_path / "held.db")
+    with closing(sqlite3.connect(path, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # holds the write lock for the whole test
+        writer.execute("INSERT INTO t VALUES (1)")
+        store = Store.open(DatabaseConfig(url=f"sqlite:///{path}", lock_timeout_seconds=0.3))
+        started = time.monotonic()
+        try:
+            with pytest.raises(sa.exc.OperationalError, match="database is locked"), store.engine.connect():
+                pass
+        finally:
+            store.dispose()
+    assert time.monotonic() - started < 3  # the timeout, not a retry loop without end
