@@ -136,6 +136,10 @@ def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
     return engine
 
 
+# Primary result codes (an extended code keeps its primary one in the low byte).
+_SQLITE_LOCK_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _switch_to_wal(cur: Any, timeout: float) -> None:
     """Switching to WAL needs an exclusive lock, which SQLite refuses at once, without waiting
     out busy_timeout, while another connection holds a lock: two connections opening a new
@@ -147,7 +151,7 @@ def _switch_to_wal(cur: Any, timeout: float) -> None:
             cur.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
+            if exc.sqlite_errorcode & 0xFF not in _SQLITE_LOCK_CODES or time.monotonic() > deadline:
                 raise
         time.sleep(0.01)
         if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
