@@ -53,6 +53,9 @@ class ReceiverConfig:
     cors_origins: tuple[str, ...] = ()
     # Group commit: at most this many rows share one transaction.
     commit_max_rows: int = 500
+    # Under load a commit waits up to this long for the requests already being read to join it
+    # (fewer, bigger commits: more requests a second). A request alone never waits. 0: never.
+    commit_gather_ms: float = 2.0
     # Sent as whole seconds (rounded up), as HTTP requires.
     retry_after_seconds: float = 5.0
     # Where to record refused input for operators; raw input is cut to this many bytes.
@@ -374,6 +377,9 @@ def _check_limits(receiver: ReceiverConfig) -> None:
     for key in ("max_call_bytes", "max_batch_bytes", "max_message_bytes", "commit_max_rows"):
         if getattr(receiver, key) < 1:
             raise ConfigError(f"[receiver] {key}: must be at least 1")
+    if receiver.commit_gather_ms > 1000:  # negative values are refused with every other number
+        raise ConfigError("[receiver] commit_gather_ms: must be at most 1000 (a request waits up to this long "
+                          "for others to share its commit)")
     if receiver.discard_cap_bytes < max(receiver.max_call_bytes, receiver.max_batch_bytes):
         raise ConfigError("[receiver] discard_cap_bytes: must be at least the largest request limit")
 

@@ -27,11 +27,14 @@ class ReceiverContext:
     @classmethod
     def create(cls, config: Config, store: Store) -> ReceiverContext:
         signal = outbox_signal(config.database.url)
+        active: set[Any] = set()
         committer = GroupCommitter(store, max_rows=config.receiver.commit_max_rows,
                                    timeout=config.database.lock_timeout_seconds + 5,
-                                   on_commit=signal.send if signal is not None else None)
+                                   on_commit=signal.send if signal is not None else None,
+                                   gather_seconds=config.receiver.commit_gather_ms / 1000,
+                                   in_progress=active.__len__)
         return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
-                   wakeup=signal)
+                   active=active, wakeup=signal)
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout``) for active requests to be answered, then for the committer."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import DatabaseConfig
 from pipeline.migrate import upgrade
@@ -48,3 +50,136 @@ def test_a_hung_commit_fails_the_waiting_requests_after_the_timeout_and_recovers
     bodies = [row["body"] for row in store.rows("outbox")]
     store.dispose()
     assert b'{"n": 3}' in bodies and b'{"n": 2}' not in bodies  # the dropped queue was never written
+
+
+class CountingStore(Store):
+    """A real SQLite store that also remembers how many rows each of its commits held."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(Store.open(DatabaseConfig(url=url)).engine)
+        upgrade(self.engine)
+        self.groups: list[int] = []
+
+    def append(self, outbox_rows: Sequence[Mapping[str, Any]],
+               rejected_rows: Sequence[Mapping[str, Any]] = ()) -> None:
+        super().append(outbox_rows, rejected_rows)
+        self.groups.append(len(outbox_rows) + len(rejected_rows))
+
+
+def gathering(store: Store, in_progress: int, gather_seconds: float) -> GroupCommitter:
+    return GroupCommitter(store, gather_seconds=gather_seconds, in_progress=lambda: in_progress)
+
+
+def test_a_commit_waits_for_the_requests_in_progress_and_takes_them_all_in_one_group(tmp_path: Path) -> None:
+    store = CountingStore(f"sqlite:///{tmp_path / 'gather.db'}")
+
+    async def scenario() -> float:
+        committer = gathering(store, in_progress=3, gather_seconds=5.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def request(n: int) -> None:
+            await asyncio.sleep(0.02 * n)  # still being read when the first row queues
+            await committer.commit("outbox", outbox_row(b'{"n": %d}' % n))
+
+        await asyncio.gather(*(request(n) for n in range(3)))
+        waited = loop.time() - started
+        await committer.close()
+        return waited
+
+    waited = asyncio.run(scenario())
+    assert store.groups == [3]
+    assert waited < 2.0, "the commit started when the last request in progress queued, not at the 5 s bound"
+    assert len(store.rows("outbox")) == 3
+    store.dispose()
+
+
+def test_a_request_alone_is_committed_at_once(tmp_path: Path) -> None:
+    store = CountingStore(f"sqlite:///{tmp_path / 'alone.db'}")
+
+    async def scenario() -> float:
+        committer = gathering(store, in_progress=1, gather_seconds=5.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await committer.commit("outbox", outbox_row(b'{"n": 1}'))
+        waited = loop.time() - started
+        await committer.close()
+        return waited
+
+    assert asyncio.run(scenario()) < 2.0, "nothing else was in progress: the commit must not wait 5 s"
+    assert store.groups == [1]
+    store.dispose()
+
+
+def test_the_wait_for_requests_in_progress_is_bounded(tmp_path: Path) -> None:
+    """Requests counted in progress that never queue a row (a client that stalls mid-body, one
+    that disconnected) hold a commit back for gather_seconds at most."""
+    store = CountingStore(f"sqlite:///{tmp_path / 'bounded.db'}")
+
+    async def scenario() -> float:
+        committer = gathering(store, in_progress=5, gather_seconds=0.3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await committer.commit("outbox", outbox_row(b'{"n": 1}'))
+        waited = loop.time() - started
+        await committer.close()
+        return waited
+
+    waited = asyncio.run(scenario())
+    assert 0.25 <= waited < 3.0
+    assert store.groups == [1]
+    store.dispose()
+
+
+def test_close_commits_a_gathering_group_at_once(tmp_path: Path) -> None:
+    store = CountingStore(f"sqlite:///{tmp_path / 'close.db'}")
+
+    async def scenario() -> tuple[list[object], float]:
+        # Four requests always in progress: every commit would wait the whole 10 s bound.
+        committer = gathering(store, in_progress=4, gather_seconds=10.0)
+        loop = asyncio.get_running_loop()
+        pending = [asyncio.ensure_future(committer.commit("outbox", outbox_row(b'{"n": %d}' % n)))
+                   for n in range(2)]
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        await committer.close()
+        closed_in = loop.time() - started
+        return await asyncio.gather(*pending), closed_in
+
+    outcomes, closed_in = asyncio.run(scenario())
+    assert outcomes == [None, None]
+    assert closed_in < 5.0, "close() committed the gathering group at once"
+    assert store.groups == [2]
+    store.dispose()
+
+
+def test_requests_answered_by_the_last_commit_are_not_waited_for(tmp_path: Path) -> None:
+    """As in the receiver: a request is in progress from its headers until its answer. When a
+    commit lands, its requests are answered on the next turn of the loop; the next commit
+    must count only the requests still in progress, or it would wait out its whole bound."""
+    store = CountingStore(f"sqlite:///{tmp_path / 'answered.db'}")
+
+    async def scenario() -> float:
+        active: set[int] = set()
+        committer = GroupCommitter(store, gather_seconds=5.0, in_progress=active.__len__)
+        loop = asyncio.get_running_loop()
+
+        async def request(n: int) -> None:
+            active.add(n)
+            try:
+                await committer.commit("outbox", outbox_row(b'{"n": %d}' % n))
+            finally:
+                active.discard(n)
+
+        started = loop.time()
+        first = asyncio.ensure_future(request(0))
+        await asyncio.sleep(0)  # the first commit starts alone
+        await asyncio.gather(first, request(1), request(2))
+        waited = loop.time() - started
+        await committer.close()
+        return waited
+
+    waited = asyncio.run(scenario())
+    assert store.groups == [1, 2]
+    assert waited < 2.0, "the second commit waited for a request the first one had answered"
+    store.dispose()

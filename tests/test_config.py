@@ -153,6 +153,9 @@ ERRORS = {
     "zero_limit": ("[receiver]\nmax_call_bytes = 0\n", None, "[receiver] max_call_bytes: must be at least 1"),
     "zero_processes": ("[receiver]\nprocesses = 0\n", None, "[receiver] processes: must be at least 1"),
     "short_lease": ("[worker]\nlease_seconds = 0.5\n", None, "[worker] lease_seconds: must be at least 1"),
+    "long_gather": ("[receiver]\ncommit_gather_ms = 1500\n", None, "[receiver] commit_gather_ms: must be at most 1000"),
+    "negative_gather": (None, {"TRACKRELAY_RECEIVER_COMMIT_GATHER_MS": "-1"},
+                        "TRACKRELAY_RECEIVER_COMMIT_GATHER_MS: must not be negative"),
     "unknown_key": ("[receiver]\nprot = 8000\n", None, "[receiver] prot: unknown key"),
     "unknown_section": ("[reciever]\nport = 8000\n", None, "reciever: unknown section"),
     "section_not_a_table": ('receiver = "x"\n', None, "[receiver]: expected a table"),
@@ -233,6 +236,12 @@ def test_a_malformed_write_key_list_is_never_echoed(tmp_path: Path, value: str) 
         load_config(path, env={})
     assert "write_keys: expected a list of strings" in str(error.value)
     assert "S3cretKey" not in str(error.value)
+
+
+def test_commit_gathering_defaults_to_2_ms_and_0_turns_it_off(tmp_path: Path) -> None:
+    assert load(tmp_path).receiver.commit_gather_ms == 2.0
+    assert load(tmp_path, env={"TRACKRELAY_RECEIVER_COMMIT_GATHER_MS": "0"}).receiver.commit_gather_ms == 0
+    assert load(tmp_path, "[receiver]\ncommit_gather_ms = 0.5\n").receiver.commit_gather_ms == 0.5
 
 
 def test_fractional_retry_after_is_accepted(tmp_path: Path) -> None:
