@@ -107,20 +107,20 @@ def judge(envelope: Envelope, *, route_type: str | None, override_key: str | Non
     # Most requests carry one key for all their messages: look each distinct key up once.
     known: dict[str | None, str | None] = {}
     batch_key = envelope.batch_key
-    # One write of the whole body (about 1 us a KB) tells whether any message is too deep.
-    deep = not writable(envelope.batch if envelope.is_batch else envelope.items[0])
+    # Whether any message is too deep to write back: measuring writes every message anyway;
+    # otherwise one write of the whole body (about 1 us a KB) tells.
+    deep = measure or not writable(envelope.batch if envelope.is_batch else envelope.items[0])
     # Batch-level context and integrations are merged into every message of the batch.
     batch_deep = deep and envelope.is_batch and \
         not writable({key: envelope.batch.get(key) for key in ("context", "integrations")})
     for index, message in enumerate(envelope.items):
         problem = validate_message(message, route_type)
-        if problem is None and deep and (batch_deep or not writable(message)):
+        if problem is None and batch_deep:
             problem = TOO_DEEP
         if problem is None and measure:
-            size = len(orjson.dumps(message))
-            if size > max_message_bytes:
-                problem = Problem("message_too_large", "Message too large",
-                                  f"message is {size} bytes, the limit is {max_message_bytes}", status=413)
+            problem = _size_problem(message, max_message_bytes)
+        elif problem is None and deep and not writable(message):
+            problem = TOO_DEEP
         source = None
         if problem is None:
             key = message_write_key(message, override_key, batch_key, auth_key)
@@ -132,3 +132,15 @@ def judge(envelope: Envelope, *, route_type: str | None, override_key: str | Non
                 problem = Problem("invalid_write_key", INVALID_WRITE_KEY)
         verdicts.append(Verdict(index, problem, source))
     return verdicts
+
+
+def _size_problem(message: Any, max_message_bytes: int) -> Problem | None:
+    """A batch item over the per-message limit as compact JSON, or too deep to write at all."""
+    try:
+        size = len(orjson.dumps(message))
+    except orjson.JSONEncodeError:
+        return TOO_DEEP
+    if size > max_message_bytes:
+        return Problem("message_too_large", "Message too large",
+                       f"message is {size} bytes, the limit is {max_message_bytes}", status=413)
+    return None

@@ -268,6 +268,21 @@ def test_a_batch_item_nested_too_deep_is_refused_on_its_own(receiver: RunningRec
     assert stored(receiver) == [("batch", "default", body)]
 
 
+@pytest.mark.parametrize("filler", [0, 9_000], ids=["small-batch", "batch-over-the-message-limit"])
+def test_a_batch_context_too_deep_refuses_every_item_it_would_be_merged_into(receiver: RunningReceiver,
+                                                                              filler: int) -> None:
+    """Every item is checked with the batch's context merged in, whether the body is small
+    (one write of it all finds the depth) or over the message limit (each item is written)."""
+    items = [{**TRACK, "properties": {"blob": "x" * filler}}] * 2
+    deep_context = b'{"a":' * 259 + b"{}" + b"}" * 259
+    body = b'{"context":' + deep_context + b',"batch":' + json.dumps(items).encode() + b"}"
+    response = receiver.post("/v1/batch", body)
+    assert response.status_code == 400
+    assert [(e["Index"], e["code"]) for e in response.json()["Errors"]] == [(0, TOO_DEEP[0]), (1, TOO_DEEP[0])]
+    assert receiver.outbox() == []
+    assert [(r["status"], r["raw"]) for r in receiver.rejected()] == [(400, body[:2048])]
+
+
 # --- batch routes --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", BATCH_PATHS)

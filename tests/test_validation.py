@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -10,7 +11,8 @@ import pytest
 
 from pipeline.config import SourceConfig
 from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Envelope, Refused, Verdict, judge, open_envelope
-from pipeline.messages import INVALID_WRITE_KEY, Problem, parse_timestamp, validate_message
+from pipeline.messages import (INVALID_WRITE_KEY, Problem, _plainly_valid, first_problem, parse_timestamp,
+                               validate_message)
 from pipeline.sources import SourceRegistry
 
 TRACK = {"type": "track", "userId": "u1", "event": "Signed Up"}
@@ -326,3 +328,38 @@ def test_invalid_message_is_judged_before_its_key() -> None:
 
 def test_empty_event_falls_back_to_event_name() -> None:
     assert validate_message({"type": "track", "userId": "u", "event": "", "eventName": "Signed Up"}) is None
+
+
+# --- the fast path agrees with the rules ------------------------------------------------------
+
+def test_the_fast_path_never_accepts_what_the_rules_refuse() -> None:
+    """validate_message first tries a one-pass acceptance of the common shapes, and asks the
+    rules one by one only when in doubt. Tens of thousands of messages, each a valid one with a
+    few fields changed to values from the edges of every rule, must get the same verdict as
+    from the rules alone; and the fast path must accept plenty of them, or it saves nothing."""
+    rng = random.Random(20261128)
+    bases = [TRACK, {"type": "identify", "anonymousId": "a1"}, {"type": "alias", "userId": "u", "previousId": "p"},
+             {"type": "group", "userId": "u", "groupId": "g"}, {"type": "page", "userId": 7},
+             {"type": "screen", "anonymousId": "a", "name": "Home"}]
+    fields = ["type", "userId", "anonymousId", "event", "eventName", "previousId", "groupId", "messageId",
+              "timestamp", "sentAt", "originalTimestamp", "context", "integrations", "properties", "traits",
+              "writeKey"]
+    values = [..., None, "", "x", 0, 7, 1.5, -0.0, True, False, [], ["track"], {}, {"a": 1}, "track", "alias",
+              "group", "page", "Track", "a" * 100, "a" * 101, "a\x00b", "2024-05-01T12:00:00.000Z",
+              "2024-05-01T12:00:00", "2024-05-01T12:00:00+05:30", "2024-05-01", "0001-01-01T00:00:00+02:00",
+              "0001-01-01T03:00:00+02:00", "9999-12-31T23:59:59-01:00", "9999-12-31T20:00:00-01:00",
+              "not a time", "2024-13-01T00:00:00Z", 1714564800]
+    accepted = 0
+    for _ in range(30_000):
+        message = dict(rng.choice(bases))
+        for field in rng.sample(fields, rng.randint(0, 3)):
+            value = rng.choice(values)
+            if value is ...:
+                message.pop(field, None)
+            else:
+                message[field] = value
+        route_type = rng.choice([None, None, "track", "page", "alias"])
+        expected = first_problem(message, route_type)
+        assert validate_message(message, route_type) == expected, (message, route_type)
+        accepted += expected is None and _plainly_valid(message, route_type)
+    assert accepted > 3_000
