@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -11,7 +12,8 @@ import orjson
 import pytest
 
 from pipeline.config import SourceConfig
-from pipeline.normalise import MESSAGE_ID_NAMESPACE, DecodedEvent, Expansion, StoredRequest, expand, iso_ms
+from pipeline.messages import parse_timestamp
+from pipeline.normalise import MESSAGE_ID_NAMESPACE, DecodedEvent, Expansion, StoredRequest, Times, expand, iso_ms
 from pipeline.sources import SourceRegistry
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -271,6 +273,51 @@ def test_a_timestamp_out_of_range_once_in_utc_is_refused_not_raised() -> None:
 
     assert len(expansion.events) == 1
     assert [(r.index, r.problem.code) for r in expansion.refused] == [(0, "invalid_timestamp")]
+
+
+def reference_times(received_at_ms: int, timestamp: str | None, sent_at: str | None) -> dict[str, str]:
+    """The four times the slow, obvious way: datetimes throughout."""
+    received = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=received_at_ms)
+    times = {"receivedAt": iso_ms(received)}
+    original = parse_timestamp(timestamp) if timestamp else None
+    sent = parse_timestamp(sent_at) if sent_at else None
+    if sent is not None:
+        times["sentAt"] = iso_ms(sent)
+    if original is None:
+        times["timestamp"] = times["receivedAt"]
+        return times
+    times["originalTimestamp"] = iso_ms(original)
+    try:
+        times["timestamp"] = iso_ms(received - (sent - original)) if sent is not None else iso_ms(original)
+    except OverflowError:
+        times["timestamp"] = iso_ms(original)
+    return times
+
+
+def test_times_in_integer_microseconds_agree_with_datetime_arithmetic() -> None:
+    """Times works in integer microseconds and formats each second once; datetimes give the
+    same strings, to the truncated millisecond, across offsets, sub-millisecond parts, years
+    before 1970 and 1000, and corrections that leave datetime's range on either side."""
+    rng = random.Random(20261128)
+    edges = ["0001-01-01T00:00:00.000Z", "0001-01-01T00:00:00.0005+00:00", "9999-12-31T23:59:59.999999Z",
+             "1969-12-31T23:59:59.9995Z", "1970-01-01T00:00:00.0004Z", "0999-01-02T03:04:05.006Z",
+             "2026-11-26T12:00:00.25+02:00", "2026-11-26 03:15:07.123456", "2026-11-26T09:00:00+05:45"]
+
+    def random_time() -> str:
+        moment = datetime(1, 1, 1) + timedelta(microseconds=rng.randrange(0, 315_537_897_599_999_999))
+        offset = timedelta(minutes=rng.choice([0, 0, 90, -345, 840, -720]))
+        try:
+            return (moment.replace(tzinfo=timezone.utc) + offset).replace(tzinfo=timezone(offset)).isoformat()
+        except OverflowError:
+            return moment.isoformat()
+
+    for _ in range(20_000):
+        received_at_ms = rng.choice([1_764_151_200_500, 0, -1, 1_000, 253_402_300_799_999,
+                                     rng.randrange(-62_135_596_800_000, 253_402_300_799_999)])
+        timestamp = rng.choice([None, rng.choice(edges), random_time(), random_time()])
+        sent_at = rng.choice([None, rng.choice(edges), random_time(), timestamp])
+        message = {key: value for key, value in (("timestamp", timestamp), ("sentAt", sent_at)) if value}
+        assert Times(received_at_ms).of(message, {}) == reference_times(received_at_ms, timestamp, sent_at), message
 
 
 def test_context_ip_comes_from_the_request_address_when_the_message_has_none() -> None:
