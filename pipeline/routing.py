@@ -12,12 +12,14 @@ from pipeline.config import DestinationConfig, SourceConfig
 class Router:
     def __init__(self, destinations: Sequence[DestinationConfig], sources: Sequence[SourceConfig]) -> None:
         self._destinations = list(destinations)
-        # Open mode has no sources: every destination receives every event.
-        self._by_source = {s.name: s.destinations for s in sources}
+        # Each source's candidates, worked out once rather than per event. A source that lists
+        # none (and open mode, which has no sources) sends to every destination.
+        self._by_source = {source.name: [d for d in self._destinations
+                                         if source.destinations is None or d.name in source.destinations]
+                           for source in sources}
 
     def destinations_for(self, source: str, event: dict[str, Any]) -> list[str]:
-        listed = self._by_source.get(source)
-        candidates = [d for d in self._destinations if listed is None or d.name in listed]
+        candidates = self._by_source.get(source, self._destinations)
         integrations = event.get("integrations")
         if not isinstance(integrations, dict):
             integrations = {}
