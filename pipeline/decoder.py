@@ -30,15 +30,17 @@ log = logging.getLogger("trackrelay.decoder")
 _EVENT_COLUMNS = "source, message_id, type, event_name, outbox_id, received_at_ms, payload"
 _SQLITE_INSERT_EVENTS = (f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
                          "ON CONFLICT (source, message_id) DO NOTHING")
-# One statement per group whatever its size: the columns as arrays.
+# One statement per group whatever its size: the columns as arrays, sent in binary (%b):
+# psycopg writes a text-format bytea[] in Python, hex-escaping and quoting every payload,
+# about 8x the time (500 payloads of ~400 bytes: 5.7 ms against 0.7).
 _PG_INSERT_EVENTS = (f"INSERT INTO events ({_EVENT_COLUMNS}) "
-                     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], "
-                     "%s::bigint[], %s::bytea[]) "
+                     "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::bigint[], "
+                     "%b::bigint[], %b::bytea[]) "
                      "ON CONFLICT (source, message_id) DO NOTHING RETURNING id, source, message_id")
 _DELIVERY_COLUMNS = "event_id, destination, state, attempts, created_at_ms, next_attempt_at_ms"
 _SQLITE_INSERT_DELIVERIES = f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES (?, ?, 'pending', 0, ?, ?)"
 _PG_INSERT_DELIVERIES = (f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) "
-                         "SELECT e, d, 'pending', 0, %s, %s FROM unnest(%s::bigint[], %s::text[]) AS t(e, d)")
+                         "SELECT e, d, 'pending', 0, %s, %s FROM unnest(%b::bigint[], %b::text[]) AS t(e, d)")
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ _DELIVERED_SET = ("UPDATE deliveries SET state = 'delivered', finished_at_ms = {
 # pending delivery and tested its id against the list, so recording 100 outcomes cost as much
 # as the whole backlog (a 1M-event drain delivered 6.6k events/s, a 10k one 32-46k).
 _SQLITE_DELIVERED = _DELIVERED_SET.format(mark="?", state="+state") + "id IN (SELECT value FROM json_each(?))"
-_PG_DELIVERED = _DELIVERED_SET.format(mark="%s", state="state") + "id = ANY(%s)"
+_PG_DELIVERED = _DELIVERED_SET.format(mark="%s", state="state") + "id = ANY(%b::bigint[])"  # binary: see decoder
 
 
 # locked_by is VARCHAR(64) (Postgres enforces it): an owner of up to 50 characters leaves room
