@@ -184,10 +184,9 @@ class Store:
         self.backend = engine.dialect.name
         # The receiver's hot statement, written once in the driver's own placeholders and run
         # with the driver's executemany: no per-commit statement compilation or rendering.
-        sqlite = engine.dialect.paramstyle == "qmark"
-        # Postgres: the body goes in binary (%b), not hex-escaped as text is.
-        marks = ["?" if sqlite else "%b" if column == "body" else "%s" for column in OUTBOX_COLUMNS]
-        self._outbox_insert = f"INSERT INTO outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES ({', '.join(marks)})"
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self._outbox_insert = (f"INSERT INTO outbox ({', '.join(OUTBOX_COLUMNS)}) "
+                               f"VALUES ({', '.join([mark] * len(OUTBOX_COLUMNS))})")
 
     @classmethod
     def open(cls, config: DatabaseConfig, at_least_once: bool = False) -> Store:
