@@ -8,6 +8,7 @@ A bad value fails with :class:`ConfigError` naming the key and the problem.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -53,8 +54,8 @@ class ReceiverConfig:
     cors_origins: tuple[str, ...] = ()
     # Group commit: at most this many rows share one transaction.
     commit_max_rows: int = 500
-    # Under load a commit waits up to this long for the requests already being read to join it
-    # (fewer, bigger commits: more requests a second). A request alone never waits. 0: never.
+    # Under load a commit waits up to this long for the requests already read and being judged
+    # to join it (fewer, bigger commits: more requests a second). A request alone never waits.
     commit_gather_ms: float = 2.0
     # Sent as whole seconds (rounded up), as HTTP requires.
     retry_after_seconds: float = 5.0
@@ -182,9 +183,11 @@ def _convert(where: str, raw: Any, hint: Any, from_env: bool) -> Any:
             raise ConfigError(f"{where}: expected a number, got {raw!r}")
         try:
             value = hint(raw) if from_env or isinstance(raw, (int, float)) else None
-        except ValueError:
+        except (ValueError, OverflowError):  # int(float("inf")) overflows
             value = None
-        if value is None or (hint is int and isinstance(raw, float) and raw != int(raw)):
+        # NaN and infinity are floats too (TOML nan/inf, or "nan" in the environment): no
+        # setting means either, and NaN passes every comparison below.
+        if value is None or not math.isfinite(value) or (hint is int and isinstance(raw, float) and raw != int(raw)):
             raise ConfigError(f"{where}: expected {'an integer' if hint is int else 'a number'}, got {raw!r}")
         if value < 0:
             raise ConfigError(f"{where}: must not be negative, got {raw!r}")

@@ -69,7 +69,10 @@ def validate_message(message: Any, route_type: str | None = None) -> Problem | N
 
 
 def first_problem(message: Any, route_type: str | None = None) -> Problem | None:
-    """The rules one by one: the first problem of ``message``, or None."""
+    """The rules one by one: the first problem of ``message``, or None.
+
+    A new rule must be mirrored in :func:`_plainly_valid` (which must refuse what it refuses),
+    and its field added to the differential test in tests/test_validation.py."""
     if not isinstance(message, dict):
         return Problem("invalid_message", "Message must be a JSON object",
                        f"got {type(message).__name__}")

@@ -6,10 +6,10 @@ then wakes each waiting request. Under light load that is one row per commit and
 wait; under heavy load the batches grow by themselves. The database work never runs on the
 event loop, and each request's answer still waits for its own row to be committed.
 
-Under load a commit also waits, up to ``gather_seconds``, for the requests the receiver is
-already reading or judging to join it: a commit (and its fsync) costs the receiver's one core
-as much CPU as several requests, so fewer, bigger groups answer more requests a second. A
-request alone never waits: its commit starts as soon as nothing else is in progress.
+Under load a commit also waits, up to ``gather_seconds``, for the requests the receiver has
+read and is judging to join it: a commit (and its fsync) costs the receiver's one core as
+much CPU as several requests, so fewer, bigger groups answer more requests a second. A
+request alone never waits: its commit starts as soon as no other request is being judged.
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ class GroupCommitter:
     def __init__(self, store: Store, max_rows: int = 500, timeout: float = 10.0,
                  on_commit: Callable[[], None] | None = None, gather_seconds: float = 0.0,
                  in_progress: Callable[[], int] | None = None) -> None:
-        """``in_progress`` counts the requests being received, judged or committed (queued
-        rows included); with ``gather_seconds`` > 0 a commit waits for the others to queue."""
+        """``in_progress`` counts the requests read and not yet answered (being judged, or
+        waiting here); with ``gather_seconds`` > 0 a commit waits for the others to queue."""
+        if gather_seconds and in_progress is None:
+            raise ValueError("gathering needs in_progress, the count of requests it waits for")
         self._store = store
         # Called on the writer thread after a commit that wrote outbox rows (wakes the worker).
         self._on_commit = on_commit
         self._max_rows = max_rows
         self._timeout = timeout
-        self._gather = gather_seconds if in_progress is not None else 0.0
+        self._gather = gather_seconds
         self._in_progress = in_progress
         self._gather_timer: asyncio.TimerHandle | None = None
         self._queue: list[_Pending] = []

@@ -13,6 +13,20 @@ from pipeline.wakeup import SqliteSignal, outbox_signal
 from receiver.commit import GroupCommitter
 
 
+class Judging:
+    """How many requests are in and not yet answered (being judged or committed): the group
+    committer waits for them to join its next commit (see receiver/commit.py). Counted from
+    the end of the body, not its start, so a client slow to send one holds no commit back."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count
+
+
 @dataclass
 class ReceiverContext:
     config: Config
@@ -23,18 +37,18 @@ class ReceiverContext:
     active: set[Any] = field(default_factory=set)
     # SQLite: the socket that wakes the worker after each commit; closed once drained.
     wakeup: SqliteSignal | None = None
+    judging: Judging = field(default_factory=Judging)
 
     @classmethod
     def create(cls, config: Config, store: Store) -> ReceiverContext:
         signal = outbox_signal(config.database.url)
-        active: set[Any] = set()
+        judging = Judging()
         committer = GroupCommitter(store, max_rows=config.receiver.commit_max_rows,
                                    timeout=config.database.lock_timeout_seconds + 5,
                                    on_commit=signal.send if signal is not None else None,
-                                   gather_seconds=config.receiver.commit_gather_ms / 1000,
-                                   in_progress=active.__len__)
+                                   gather_seconds=config.receiver.commit_gather_ms / 1000, in_progress=judging)
         return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
-                   active=active, wakeup=signal)
+                   wakeup=signal, judging=judging)
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout``) for active requests to be answered, then for the committer."""

@@ -160,6 +160,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
 
     def finish(self) -> None:
         # Tornado calls this only if we have not answered while the body was arriving.
+        self.ctx.judging.count += 1  # until _run ends: the group committer waits for us
         self.task = asyncio.ensure_future(self._run())
 
     def on_connection_close(self) -> None:
@@ -183,6 +184,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
                     assert self.request.connection is not None
                     self.request.connection.close()  # type: ignore[attr-defined]
         finally:
+            self.ctx.judging.count -= 1
             self.ctx.active.discard(self)
 
     async def post(self) -> None:

@@ -1,4 +1,5 @@
-"""The group committer's watchdog: a commit that hangs answers everyone waiting, in time."""
+"""The group committer: its watchdog (a commit that hangs answers everyone waiting, in time) and
+its gathering of the requests being judged into one commit."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DatabaseConfig
+import pytest
+
+from pipeline.config import DatabaseConfig, load_config
 from pipeline.migrate import upgrade
 from pipeline.store import Store, StoreUnavailable, now_ms
 from receiver.commit import GroupCommitter
+from receiver.context import ReceiverContext
 
 
 def outbox_row(body: bytes) -> dict[str, object]:
@@ -183,3 +187,50 @@ def test_requests_answered_by_the_last_commit_are_not_waited_for(tmp_path: Path)
     assert store.groups == [1, 2]
     assert waited < 2.0, "the second commit waited for a request the first one had answered"
     store.dispose()
+
+
+def test_without_gathering_a_commit_never_waits_for_requests_in_progress(tmp_path: Path) -> None:
+    store = CountingStore(f"sqlite:///{tmp_path / 'off.db'}")
+
+    async def scenario() -> float:
+        committer = gathering(store, in_progress=5, gather_seconds=0.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await committer.commit("outbox", outbox_row(b'{"n": 1}'))
+        waited = loop.time() - started
+        await committer.close()
+        return waited
+
+    assert asyncio.run(scenario()) < 2.0  # gathering would wait for the four others
+    assert store.groups == [1]
+    store.dispose()
+    with pytest.raises(ValueError, match="in_progress"):
+        GroupCommitter(store, gather_seconds=0.01)
+
+
+@pytest.mark.parametrize(("judging", "waits"), [(1, False), (3, True)])
+def test_the_receiver_context_gathers_for_commit_gather_ms_while_other_requests_are_being_judged(
+        tmp_path: Path, judging: int, waits: bool) -> None:
+    """The wiring: the context's committer counts ctx.judging (what IngestRequest counts from
+    a body's end to its answer) and waits commit_gather_ms, in milliseconds."""
+    url = f"sqlite:///{tmp_path / 'context.db'}"
+    config = load_config(None, env={"TRACKRELAY_DATABASE_URL": url, "TRACKRELAY_RECEIVER_COMMIT_GATHER_MS": "400"})
+    store = Store.open(config.database)
+    upgrade(store.engine)
+
+    async def scenario() -> float:
+        ctx = ReceiverContext.create(config, store)
+        ctx.judging.count = judging  # this request, and judging - 1 others that never queue
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await ctx.committer.commit("outbox", outbox_row(b'{"n": 1}'))
+        waited = loop.time() - started
+        await ctx.drain(timeout=1.0)
+        return waited
+
+    waited = asyncio.run(scenario())
+    store.dispose()
+    if waits:
+        assert 0.35 <= waited < 5.0, waited
+    else:
+        assert waited < 0.35, waited

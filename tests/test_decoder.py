@@ -48,6 +48,17 @@ def delivered_to(store: Store) -> list[tuple[str, str]]:
     return [(message_ids[d["event_id"]], d["destination"]) for d in rows(store, "deliveries")]
 
 
+def test_a_group_whose_events_all_lack_a_name_decodes(store: Store) -> None:
+    """Event names go to Postgres as one binary text[] per group: all NULL (no track event in
+    the group) is a case of its own for psycopg's array dumper."""
+    store.append([outbox_row({"batch": [{"type": "identify", "userId": "u1", "messageId": "i1"},
+                                        {"type": "page", "userId": "u1", "messageId": "p1"}]})])
+
+    assert decoder(store).decode_pending().events == 2
+    assert [(e["message_id"], e["type"], e["event_name"]) for e in rows(store, "events")] == [
+        ("i1", "identify", None), ("p1", "page", None)]
+
+
 def states(store: Store) -> list[str]:
     return [r["state"] for r in rows(store, "outbox")]
 

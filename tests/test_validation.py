@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.config import SourceConfig
 from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Envelope, Refused, Verdict, judge, open_envelope
-from pipeline.messages import (INVALID_WRITE_KEY, Problem, _plainly_valid, first_problem, parse_timestamp,
-                               validate_message)
+from pipeline.messages import (INVALID_WRITE_KEY, OBJECT_FIELDS, TIMESTAMP_FIELDS, Problem, _plainly_valid,
+                               first_problem, parse_timestamp, validate_message)
 from pipeline.sources import SourceRegistry
 
 TRACK = {"type": "track", "userId": "u1", "event": "Signed Up"}
@@ -342,8 +342,7 @@ def test_the_fast_path_never_accepts_what_the_rules_refuse() -> None:
              {"type": "group", "userId": "u", "groupId": "g"}, {"type": "page", "userId": 7},
              {"type": "screen", "anonymousId": "a", "name": "Home"}]
     fields = ["type", "userId", "anonymousId", "event", "eventName", "previousId", "groupId", "messageId",
-              "timestamp", "sentAt", "originalTimestamp", "context", "integrations", "properties", "traits",
-              "writeKey"]
+              *TIMESTAMP_FIELDS, *OBJECT_FIELDS, "writeKey"]
     values = [..., None, "", "x", 0, 7, 1.5, -0.0, True, False, [], ["track"], {}, {"a": 1}, "track", "alias",
               "group", "page", "Track", "a" * 100, "a" * 101, "a\x00b", "2024-05-01T12:00:00.000Z",
               "2024-05-01T12:00:00", "2024-05-01T12:00:00+05:30", "2024-05-01", "0001-01-01T00:00:00+02:00",
