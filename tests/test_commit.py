@@ -74,6 +74,21 @@ def gathering(store: Store, in_progress: int, gather_seconds: float) -> GroupCom
     return GroupCommitter(store, gather_seconds=gather_seconds, in_progress=lambda: in_progress)
 
 
+def one_commit(store: Store, in_progress: int, gather_seconds: float) -> float:
+    """Commit one row with ``in_progress`` requests counted; seconds until it was committed."""
+
+    async def scenario() -> float:
+        committer = gathering(store, in_progress, gather_seconds)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await committer.commit("outbox", outbox_row(b'{"n": 1}'))
+        waited = loop.time() - started
+        await committer.close()
+        return waited
+
+    return asyncio.run(scenario())
+
+
 def test_a_commit_waits_for_the_requests_in_progress_and_takes_them_all_in_one_group(tmp_path: Path) -> None:
     store = CountingStore(f"sqlite:///{tmp_path / 'gather.db'}")
 
@@ -101,16 +116,8 @@ def test_a_commit_waits_for_the_requests_in_progress_and_takes_them_all_in_one_g
 def test_a_request_alone_is_committed_at_once(tmp_path: Path) -> None:
     store = CountingStore(f"sqlite:///{tmp_path / 'alone.db'}")
 
-    async def scenario() -> float:
-        committer = gathering(store, in_progress=1, gather_seconds=5.0)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await committer.commit("outbox", outbox_row(b'{"n": 1}'))
-        waited = loop.time() - started
-        await committer.close()
-        return waited
-
-    assert asyncio.run(scenario()) < 2.0, "nothing else was in progress: the commit must not wait 5 s"
+    waited = one_commit(store, in_progress=1, gather_seconds=5.0)
+    assert waited < 2.0, "nothing else was in progress: the commit must not wait 5 s"
     assert store.groups == [1]
     store.dispose()
 
@@ -120,16 +127,7 @@ def test_the_wait_for_requests_in_progress_is_bounded(tmp_path: Path) -> None:
     that disconnected) hold a commit back for gather_seconds at most."""
     store = CountingStore(f"sqlite:///{tmp_path / 'bounded.db'}")
 
-    async def scenario() -> float:
-        committer = gathering(store, in_progress=5, gather_seconds=0.3)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await committer.commit("outbox", outbox_row(b'{"n": 1}'))
-        waited = loop.time() - started
-        await committer.close()
-        return waited
-
-    waited = asyncio.run(scenario())
+    waited = one_commit(store, in_progress=5, gather_seconds=0.3)
     assert 0.25 <= waited < 3.0
     assert store.groups == [1]
     store.dispose()
@@ -192,16 +190,7 @@ def test_requests_answered_by_the_last_commit_are_not_waited_for(tmp_path: Path)
 def test_without_gathering_a_commit_never_waits_for_requests_in_progress(tmp_path: Path) -> None:
     store = CountingStore(f"sqlite:///{tmp_path / 'off.db'}")
 
-    async def scenario() -> float:
-        committer = gathering(store, in_progress=5, gather_seconds=0.0)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await committer.commit("outbox", outbox_row(b'{"n": 1}'))
-        waited = loop.time() - started
-        await committer.close()
-        return waited
-
-    assert asyncio.run(scenario()) < 2.0  # gathering would wait for the four others
+    assert one_commit(store, in_progress=5, gather_seconds=0.0) < 2.0  # gathering would wait for the four others
     assert store.groups == [1]
     store.dispose()
     with pytest.raises(ValueError, match="in_progress"):
