@@ -22,7 +22,8 @@ def outbox_row(body: bytes) -> dict[str, object]:
     return {"received_at_ms": now_ms(), "route": "track", "source": "default", "body": body}
 
 
-def test_a_hung_commit_fails_the_waiting_requests_after_the_timeout_and_recovers(tmp_path: Path) -> None:
+def test_a_hung_commit_fails_the_waiting_requests_after_the_timeout_and_recovers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     url = f"sqlite:///{tmp_path / 'commit.db'}"
     # The write itself would wait up to 3 s for the lock; the committer gives up after 0.3 s.
     store = Store.open(DatabaseConfig(url=url, lock_timeout_seconds=3.0))
@@ -49,6 +50,8 @@ def test_a_hung_commit_fails_the_waiting_requests_after_the_timeout_and_recovers
     finally:
         blocker.close()
     assert [type(outcome) for outcome in stalled] == [StoreUnavailable, StoreUnavailable]
+    stalls = [r.getMessage() for r in caplog.records if "event=commit_stalled" in r.getMessage()]
+    assert stalls[0] == "event=commit_stalled timeout=0.3 waiting=2"
     assert waited < 2.0, "the watchdog answered before the database's own 3 s lock timeout"
     assert after == [None]
     bodies = [row["body"] for row in store.rows("outbox")]

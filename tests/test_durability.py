@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -109,6 +110,21 @@ def test_the_retry_after_header_follows_the_setting(start_receiver: Any, databas
         response = receiver.post("/v1/page", {"userId": "u1"})
 
     assert (response.status_code, response.headers["Retry-After"]) == (503, "17")
+
+
+def test_a_refusal_during_an_outage_is_still_answered_and_the_lost_record_is_logged(
+        start_receiver: Any, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The rejected record is for operators: when it cannot be written, the client still gets
+    its 400 (not a 503 it would retry forever), and the log says what was not recorded."""
+    receiver = start_receiver(lock_timeout_seconds=0.3)
+
+    with caplog.at_level(logging.WARNING, logger="trackrelay.receiver"), store_down(database_url):
+        response = receiver.post("/v1/track", b"{not json")
+
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_json"
+    assert "event=rejected_not_recorded code=invalid_json" in caplog.text
+    assert receiver.rejected() == []
 
 
 # A held SQLite write lock leaves reads working, so /health (a read) stays 200 there; the

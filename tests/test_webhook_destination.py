@@ -68,6 +68,20 @@ def test_429_and_500_are_retried(sink: HttpSink, status: int) -> None:
     assert deliver(sink.url, contract_events(3), batch_size=3) == [retry(f"HTTP {status}: later")] * 3
 
 
+def test_an_event_json_cannot_encode_is_rejected_and_never_sent(sink: HttpSink) -> None:
+    """Events come from JSON, so this takes an adapter handed something else (a bug upstream,
+    or a future source of events): refused for good rather than retried forever, and the
+    sink sees no request."""
+    good, bad = contract_events(2)
+    bad = {**bad, "properties": {"tags": {"a", "b"}}}  # a set: not JSON
+
+    outcomes = deliver(sink.url, [good, bad])
+
+    assert outcomes[0] == DELIVERED
+    assert outcomes[1].kind == "rejected" and outcomes[1].reason.startswith("cannot encode as JSON: ")
+    assert ids(sink.bodies()) == (good["messageId"],)
+
+
 def test_501_is_rejected(sink: HttpSink) -> None:
     sink.answers = lambda _: Answer(501, b"no POST here")
 
