@@ -112,11 +112,11 @@ def judge(envelope: Envelope, *, route_type: str | None, override_key: str | Non
     # Most requests carry one key for all their messages: look each distinct key up once.
     known: dict[str | None, str | None] = {}
     batch_key = envelope.batch_key
-    # Whether any message is too deep to write back: measuring writes every message anyway;
-    # otherwise one write of the whole body (about 1 us a KB) tells.
-    deep = measure or not writable(envelope.batch if envelope.is_batch else envelope.items[0])
+    # Whether some message may be too deep to write back: measuring writes every message
+    # anyway; otherwise one write of the whole body (about 1 us a KB) tells.
+    may_be_deep = measure or not writable(envelope.batch if envelope.is_batch else envelope.items[0])
     # Batch-level context and integrations are merged into every message of the batch.
-    batch_deep = deep and envelope.is_batch and \
+    batch_deep = may_be_deep and envelope.is_batch and \
         not writable({key: envelope.batch.get(key) for key in ("context", "integrations")})
     for index, message in enumerate(envelope.items):
         problem = validate_message(message, route_type)
@@ -124,7 +124,7 @@ def judge(envelope: Envelope, *, route_type: str | None, override_key: str | Non
             problem = TOO_DEEP
         if problem is None and measure:
             problem = _size_problem(message, max_message_bytes)
-        elif problem is None and deep and not writable(message):
+        elif problem is None and may_be_deep and not writable(message):
             problem = TOO_DEEP
         source = None
         if problem is None:

@@ -190,14 +190,29 @@ def test_requests_answered_by_the_last_commit_are_not_waited_for(tmp_path: Path)
     store.dispose()
 
 
-def test_without_gathering_a_commit_never_waits_for_requests_in_progress(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("gather_seconds", "groups"), [(0.0, [1, 1]), (0.3, [2])])
+def test_without_gathering_a_commit_never_waits_for_requests_in_progress(
+        tmp_path: Path, gather_seconds: float, groups: list[int]) -> None:
+    """Two rows queued in one turn of the loop while five requests count as in progress: off,
+    the first commits alone at once and the second follows; on, they wait and share one."""
     store = CountingStore(f"sqlite:///{tmp_path / 'off.db'}")
 
-    assert one_commit(store, in_progress=5, gather_seconds=0.0) < 2.0  # gathering would wait for the four others
-    assert store.groups == [1]
+    async def scenario() -> None:
+        committer = gathering(store, in_progress=5, gather_seconds=gather_seconds)
+        await asyncio.wait_for(asyncio.gather(*(committer.commit("outbox", outbox_row(b'{"n": %d}' % n))
+                                                for n in range(2))), timeout=10)
+        await committer.close()
+
+    asyncio.run(scenario())
+    assert store.groups == groups
     store.dispose()
+
+
+def test_gathering_needs_a_count_of_the_requests_in_progress(tmp_path: Path) -> None:
+    store = CountingStore(f"sqlite:///{tmp_path / 'count.db'}")
     with pytest.raises(ValueError, match="in_progress"):
         GroupCommitter(store, gather_seconds=0.01)
+    store.dispose()
 
 
 @pytest.mark.parametrize(("judging", "waits"), [(1, False), (3, True)])
