@@ -3,8 +3,12 @@
 Contract (every call is blocking and runs its own short transaction):
 - ``claim(destination, limit, lease_ms)`` leases up to ``limit`` due deliveries under a new
   lease token, ``<worker id>:<claim number>``, stored in ``locked_by`` and on each ``Claimed``:
-  their ``attempts`` go up by one, ``locked_until_ms`` and ``next_attempt_at_ms`` move to the
-  end of the lease. Nobody else can claim them until the lease runs out. On Postgres several
+  their ``attempts`` go up by one and ``locked_until_ms`` moves to the end of the lease. A
+  delivery is due when it is pending, its ``next_attempt_at_ms`` has come and it holds no lease
+  that is still running: nobody else can claim it until the lease runs out. On SQLite the claim
+  also moves ``next_attempt_at_ms`` to the lease's end, so that the next claim's index range
+  starts past the rows in flight; on Postgres it leaves every indexed column alone, so that a
+  claim is a HOT update (see ``_PG_CLAIM``). On Postgres several
   workers claim concurrently (``FOR UPDATE SKIP LOCKED``), and while a backlog lasts each claim
   starts after the last row the queue claimed for that destination (see ``ResumePoints``): the
   oldest due rows first, give or take rows that became due behind that point, which a claim
@@ -39,17 +43,23 @@ from pipeline.store import Store, now_ms
 
 # The hot statements as fixed text for the driver: no per-call compilation or rendering.
 _CLAIM_ORDER = "ORDER BY d.next_attempt_at_ms, d.id"
+_NOT_LEASED = "(d.locked_until_ms IS NULL OR d.locked_until_ms <= {now})"
 _SQLITE_DUE = ("SELECT d.id, d.attempts, d.created_at_ms, e.payload FROM deliveries d "
                "JOIN events e ON e.id = d.event_id "
                "WHERE d.destination = ? AND d.state = 'pending' AND d.next_attempt_at_ms <= ? "
-               f"{_CLAIM_ORDER} LIMIT ?")
+               f"AND {_NOT_LEASED.format(now='?')} {_CLAIM_ORDER} LIMIT ?")
 _SQLITE_LEASE = ("UPDATE deliveries SET attempts = attempts + 1, locked_until_ms = ?, next_attempt_at_ms = ?, "
                  "locked_by = ?, last_attempt_at_ms = ? WHERE id IN (SELECT value FROM json_each(?))")
+# Postgres: the lease changes no indexed column, and deliveries' fillfactor (migration 0004)
+# leaves room on each page, so the new row version is a HOT update: no new entry in any of the
+# table's four indexes. Moving next_attempt_at_ms as SQLite does made every claim a non-HOT
+# update, and with a 1M backlog the server, not the worker, set the drain's pace.
 _PG_CLAIM = ("WITH due AS (SELECT d.id, d.next_attempt_at_ms AS due_at FROM deliveries d "
-             "WHERE d.destination = %s AND d.state = 'pending' AND d.next_attempt_at_ms <= %s {after}"
+             "WHERE d.destination = %s AND d.state = 'pending' AND d.next_attempt_at_ms <= %s "
+             f"AND {_NOT_LEASED.format(now='%s')} {{after}}"
              f"{_CLAIM_ORDER} LIMIT %s FOR UPDATE SKIP LOCKED) "
              "UPDATE deliveries SET attempts = deliveries.attempts + 1, locked_until_ms = %s, "
-             "next_attempt_at_ms = %s, locked_by = %s, last_attempt_at_ms = %s "
+             "locked_by = %s, last_attempt_at_ms = %s "
              "FROM due, events e WHERE deliveries.id = due.id AND e.id = deliveries.event_id "
              "RETURNING deliveries.id, deliveries.attempts - 1, deliveries.created_at_ms, e.payload, due.due_at")
 _PG_CLAIM_FROM_FRONT = _PG_CLAIM.format(after="")
@@ -84,12 +94,12 @@ class _ResumePoint:
 class ResumePoints:
     """Where a destination's next claim starts, while its claims keep coming back full.
 
-    On Postgres a claimed row leaves its old entry at the front of ``ix_deliveries_claim`` (the
-    claim moves ``next_attempt_at_ms`` to the lease's end), dead until vacuum gets to it. A claim
-    from the front steps over every such entry, so with a big backlog each claim cost more than
-    the one before: a 1M-delivery claim-and-record loop fell from 7.2k rows/s over its first
-    100k to 4.8k on average. Starting after the last row claimed keeps each claim as cheap as
-    the first.
+    On Postgres a claimed row keeps its entry at the front of ``ix_deliveries_claim`` while its
+    lease runs (a claim is a HOT update), and once its outcome is recorded that entry is dead
+    until vacuum gets to it. A claim from the front steps over every such entry, so with a big
+    backlog each claim cost more than the one before: a 1M-delivery claim-and-record loop fell
+    from 7.2k rows/s over its first 100k to 4.8k on average. Starting after the last row
+    claimed keeps each claim as cheap as the first.
 
     Rows can become due behind that point: a decoder committing late, a row another worker had
     locked and let go, a lease that ran out before its outcome was recorded. So a claim whose
@@ -156,7 +166,7 @@ class DeliveryQueue:
         else:
             with self.store.engine.begin() as conn:
                 # SQLite: BEGIN IMMEDIATE already made this transaction the only writer.
-                rows = conn.exec_driver_sql(_SQLITE_DUE, (destination, now, limit)).all()
+                rows = conn.exec_driver_sql(_SQLITE_DUE, (destination, now, now, limit)).all()
                 if rows:
                     conn.exec_driver_sql(_SQLITE_LEASE, (until, until, lease, now,
                                                          orjson.dumps([r[0] for r in rows])))
@@ -166,15 +176,15 @@ class DeliveryQueue:
     def _claim_postgres(self, destination: str, limit: int, now: int, until: int, lease: str) -> list[Any]:
         """One round trip (two when a resumed range runs short): lock the due rows nobody holds,
         lease them and return them with their events, oldest first; then move the resume point."""
-        leased = (until, until, lease, now)
+        leased = (until, lease, now)
         start = self.resume_points.start(destination)
         with self.store.engine.begin() as conn:
             after: list[Any] = [] if start is None else conn.exec_driver_sql(
-                _PG_CLAIM_AFTER, (destination, now, *start.after, limit, *leased)).all()
+                _PG_CLAIM_AFTER, (destination, now, now, *start.after, limit, *leased)).all()
             # From the front: the whole claim, or the rest of one whose range ran out (rows
             # behind the point may be due). The rows leased just above are no longer due.
             wanted = limit - len(after)
-            front = conn.exec_driver_sql(_PG_CLAIM_FROM_FRONT, (destination, now, wanted, *leased)).all() \
+            front = conn.exec_driver_sql(_PG_CLAIM_FROM_FRONT, (destination, now, now, wanted, *leased)).all() \
                 if wanted else []
         # Only once the claim is committed. RETURNING has no order: _claim_order restores it.
         if start is not None and after and not wanted:
@@ -191,10 +201,12 @@ class DeliveryQueue:
         if not ids:
             return 0
         until = now_ms() + lease_ms
+        # As the claim did: SQLite keeps a leased row's next attempt at its lease's end.
+        moved = {} if self.store.backend == "postgresql" else {"next_attempt_at_ms": until}
         with self.store.engine.begin() as conn:
             result = conn.execute(update(deliveries).where(
                 deliveries.c.id.in_(list(ids)), deliveries.c.locked_by == lease,
-                deliveries.c.state == "pending").values(locked_until_ms=until, next_attempt_at_ms=until))
+                deliveries.c.state == "pending").values(locked_until_ms=until, **moved))
             return result.rowcount
 
     def record(self, lease: str, decisions: Sequence[tuple[int, Decision]]) -> None:
