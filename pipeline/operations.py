@@ -94,7 +94,7 @@ def replay_deliveries(store: Store, destination: str, state: str = "dead", since
     conditions = [deliveries.c.destination == destination, deliveries.c.state == state]
     if state == "pending":
         # Never reset a delivery a worker holds: its result would be lost and the event sent twice.
-        conditions.append(or_(deliveries.c.locked_until_ms.is_(None), deliveries.c.locked_until_ms < now))
+        conditions.append(or_(deliveries.c.locked_until_ms.is_(None), deliveries.c.locked_until_ms <= now))
     event_conditions = []
     if since_ms is not None:
         event_conditions.append(events.c.received_at_ms >= since_ms)

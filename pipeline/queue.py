@@ -8,11 +8,12 @@ Contract (every call is blocking and runs its own short transaction):
   that is still running: nobody else can claim it until the lease runs out. On SQLite the claim
   also moves ``next_attempt_at_ms`` to the lease's end, so that the next claim's index range
   starts past the rows in flight; on Postgres it leaves every indexed column alone, so that a
-  claim is a HOT update (see ``_PG_CLAIM``). On Postgres several
-  workers claim concurrently (``FOR UPDATE SKIP LOCKED``), and while a backlog lasts each claim
-  starts after the last row the queue claimed for that destination (see ``ResumePoints``): the
-  oldest due rows first, give or take rows that became due behind that point, which a claim
-  from the front takes within ``RESUME_SECONDS``, or as soon as the backlog runs short.
+  claim is a HOT update (see ``_PG_CLAIM``). A lease has run out once ``locked_until_ms <=
+  now``. On Postgres several workers claim concurrently (``FOR UPDATE SKIP LOCKED``), and while
+  a backlog lasts each claim starts after the last row the queue claimed for that destination
+  (see ``ResumePoints``): the oldest due rows first, give or take rows that became due behind
+  that point (a lease that ran out among them), which a claim from the front takes within
+  ``RESUME_SECONDS``, or as soon as the backlog runs short.
 - ``renew(lease, ids, lease_ms)`` extends the rows that lease still holds; others are ignored.
 - ``record(lease, decisions)`` stores outcomes in one transaction, only for rows that lease
   still holds. The token is per claim, not per worker: a worker's lanes claim side by side, and
@@ -241,5 +242,5 @@ class DeliveryQueue:
     def release_expired(self) -> int:
         with self.store.engine.begin() as conn:
             return conn.execute(update(deliveries).where(
-                deliveries.c.state == "pending", deliveries.c.locked_until_ms < now_ms()).values(
+                deliveries.c.state == "pending", deliveries.c.locked_until_ms <= now_ms()).values(
                 locked_until_ms=None, locked_by=None)).rowcount

@@ -84,11 +84,14 @@ events = Table(
 
 # One row per (event, destination). A claim leases the row (locked_until_ms), so a crashed
 # worker's claims are simply due again when the lease runs out, and a claim is one index range
-# scan however large the backlog (the index ends with id, the tie-break of the claim order, so
-# no sort is needed). On Postgres pages are filled to 40% (migration 0004): a claim leases
-# every row of a page within moments, and each lease's new row version then still fits on the
-# page, a HOT update that adds no index entries (pipeline.queue). At 70% only ~30% of claims
-# were HOT (61k of 200k in a drain), at 50% ~70%, at 40% all (198.6k of 200k).
+# scan, over the due rows and those in flight, however large the backlog (the index ends with
+# id, the tie-break of the claim order, so no sort is needed). On Postgres pages are filled to
+# 40% (migration 0004): a claim leases every row of a page within moments, and each lease's new
+# row version then still fits on the page, a HOT update that adds no index entries
+# (pipeline.queue). Half a page is not enough: the leased version is longer than the row as
+# inserted (locked_by, locked_until_ms and last_attempt_at_ms filled in), and the outcome's
+# version often lands on the page too. Measured in a 200k drain: at 70% 61k of 200k claims were
+# HOT, at 50% 142k, at 40% 198.6k.
 DELIVERIES_FILLFACTOR = 40
 deliveries = Table(
     "deliveries",

@@ -281,16 +281,19 @@ def test_concurrent_claims_on_postgres_never_hand_out_the_same_delivery(postgres
 
 @pytest.mark.postgres
 def test_on_postgres_a_claim_is_a_hot_update(postgres_store: Store) -> None:
-    """The lease writes no indexed column and deliveries' pages keep room (migration 0004): no
-    index entries per claim. With them, a 1M-event drain was bound by the Postgres server."""
+    """The lease writes no indexed column, so it can be a HOT update: no index entries per
+    claim (with them, a 1M-event drain was bound by the Postgres server). 40 rows fit one page
+    at any fillfactor: this checks the statement and that migration 0004 set the fillfactor
+    the schema names, not how many claims of a full page are HOT (the drain measured that)."""
     from pipeline.queue import _PG_CLAIM_FROM_FRONT
+    from pipeline.schema import DELIVERIES_FILLFACTOR
 
     store = postgres_store
     ids = pending_hook_deliveries(store, 40)
     counts = "SELECT pg_stat_get_xact_tuples_updated(%s::regclass), pg_stat_get_xact_tuples_hot_updated(%s::regclass)"
     with store.engine.begin() as conn:
         assert conn.exec_driver_sql("SELECT reloptions FROM pg_class WHERE relname = 'deliveries'").scalar_one() \
-            == ["fillfactor=40"]
+            == [f"fillfactor={DELIVERIES_FILLFACTOR}"]
         now = now_ms()
         claimed = conn.exec_driver_sql(_PG_CLAIM_FROM_FRONT, ("hook", now, now, 100, now + LONG, "w:1", now)).all()
         assert sorted(row[0] for row in claimed) == ids
@@ -302,8 +305,9 @@ def test_on_postgres_a_claim_is_a_hot_update(postgres_store: Store) -> None:
 
 @pytest.mark.postgres
 def test_on_postgres_claims_in_a_backlog_start_after_the_last_row_claimed(postgres_store: Store) -> None:
-    """A claimed row leaves a dead entry at the front of the claim index until vacuum: claims
-    from the front stepped over all of them, and a 1M backlog drained at half speed."""
+    """A claimed row keeps its entry at the front of the claim index while leased, and leaves a
+    dead one there once delivered, until vacuum: claims from the front stepped over all of them,
+    and a 1M backlog drained at half speed."""
     store = postgres_store
     now = now_ms()
     ids = [add_delivery(store, add_event(store, f"m{i}"), next_attempt_at_ms=now - 1000 + i) for i in range(6)]
@@ -316,6 +320,39 @@ def test_on_postgres_claims_in_a_backlog_start_after_the_last_row_claimed(postgr
     # Short from the resume point: the rest comes from the front, the late row first.
     assert [c.id for c in queue.claim("hook", 3, LONG)] == [late, *ids[4:]]
     assert queue.claim("hook", 3, LONG) == []
+
+
+@pytest.mark.postgres
+def test_on_postgres_a_lease_that_ran_out_behind_the_resume_point_is_claimed_again(postgres_store: Store) -> None:
+    """A leased row keeps its place in the claim order: once its lease runs out it is due
+    behind the resume point, and the claim that runs short there takes it from the front."""
+    store = postgres_store
+    now = now_ms()
+    ids = [add_delivery(store, add_event(store, f"m{i}"), next_attempt_at_ms=now - 1000 + i) for i in range(6)]
+    queue = DeliveryQueue(store, "w1")
+    assert [c.id for c in queue.claim("hook", 2, SHORT)] == ids[:2]
+    let_short_leases_run_out()
+
+    assert [c.id for c in queue.claim("hook", 2, LONG)] == ids[2:4]
+    # Short after the point: topped up from the front, where the lapsed ids[0] is due first.
+    assert [(c.id, c.attempts) for c in queue.claim("hook", 3, LONG)] == [(ids[0], 2), (ids[4], 1), (ids[5], 1)]
+    # That claim's front part moved the point to ids[0]: ids[1] is next after it.
+    assert [(c.id, c.attempts) for c in queue.claim("hook", 3, LONG)] == [(ids[1], 2)]
+    assert queue.claim("hook", 3, LONG) == []
+
+
+@pytest.mark.postgres
+def test_on_postgres_a_resumed_claim_skips_rows_another_worker_leased(postgres_store: Store) -> None:
+    store = postgres_store
+    now = now_ms()
+    ids = [add_delivery(store, add_event(store, f"m{i}"), next_attempt_at_ms=now - 1000 + i) for i in range(6)]
+    first, second = DeliveryQueue(store, "w1"), DeliveryQueue(store, "w2")
+    assert [c.id for c in first.claim("hook", 2, LONG)] == ids[:2]
+    assert [c.id for c in second.claim("hook", 2, LONG)] == ids[2:4]
+
+    assert first.resume_points.start("hook") is not None  # resumes after ids[1], over second's rows
+    assert [c.id for c in first.claim("hook", 2, LONG)] == ids[4:]
+    assert first.claim("hook", 2, LONG) == second.claim("hook", 2, LONG) == []
 
 
 @pytest.mark.postgres

@@ -4,8 +4,10 @@ A claim writes a new version of each row it leases. With full pages that version
 another page and every one of the table's four indexes got a new entry; with room left on the
 page, and no indexed column changed by the claim (pipeline.queue), Postgres writes it beside the
 old one and touches no index. A claim leases every row of a page within moments, so the page
-needs room for a second version of each of its rows: 40% (see pipeline.schema). Rows already
-stored keep their pages until they are rewritten.
+needs room for a second, longer version of each of its rows: measured, 40% (pipeline.schema
+says why not 50%). Rows already stored keep their pages until they are rewritten.
+
+Workers of an older version must not run beside this one (README, Storage: upgrading).
 
 Revision ID: 0004
 Revises: 0003
