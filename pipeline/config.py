@@ -186,8 +186,9 @@ def _convert(where: str, raw: Any, hint: Any, from_env: bool) -> Any:
         except (ValueError, OverflowError):  # int(float("inf")) overflows
             value = None
         # NaN and infinity are floats too (TOML nan/inf, or "nan" in the environment): no
-        # setting means either, and NaN passes every comparison below.
-        if value is None or not math.isfinite(value) or (hint is int and isinstance(raw, float) and raw != int(raw)):
+        # setting means either, and NaN passes every comparison below. (Only a float can be
+        # either; math.isfinite would overflow on an int of 400 digits.)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or (hint is int and isinstance(raw, float) and raw != int(raw)):
             raise ConfigError(f"{where}: expected {'an integer' if hint is int else 'a number'}, got {raw!r}")
         if value < 0:
             raise ConfigError(f"{where}: must not be negative, got {raw!r}")
@@ -377,6 +378,8 @@ def _check_worker(worker: WorkerConfig) -> None:
 def _check_limits(receiver: ReceiverConfig) -> None:
     if receiver.processes < 1:
         raise ConfigError("[receiver] processes: must be at least 1")
+    if receiver.port > 65535:  # 0 asks the system for a free port
+        raise ConfigError("[receiver] port: must be at most 65535")
     for key in ("max_call_bytes", "max_batch_bytes", "max_message_bytes", "commit_max_rows"):
         if getattr(receiver, key) < 1:
             raise ConfigError(f"[receiver] {key}: must be at least 1")

@@ -158,6 +158,8 @@ ERRORS = {
                 "TRACKRELAY_DATABASE_LOCK_TIMEOUT_SECONDS: expected a number, got 'nan'"),
     "infinite_float": ("[worker]\nlease_seconds = inf\n", None, "[worker] lease_seconds: expected a number, got inf"),
     "infinite_int": ("[receiver]\nport = inf\n", None, "[receiver] port: expected an integer, got inf"),
+    # An integer too big for a float must not reach math.isfinite (it raised OverflowError).
+    "env_huge_port": (None, {"TRACKRELAY_RECEIVER_PORT": "9" * 400}, "[receiver] port: must be at most 65535"),
     "long_gather": ("[receiver]\ncommit_gather_ms = 1500\n", None, "[receiver] commit_gather_ms: must be at most 1000"),
     "negative_gather": (None, {"TRACKRELAY_RECEIVER_COMMIT_GATHER_MS": "-1"},
                         "TRACKRELAY_RECEIVER_COMMIT_GATHER_MS: must not be negative"),
