@@ -6,12 +6,13 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, select, update
 
 from pipeline.config import Config
 from pipeline.decoder import Decoder
 from pipeline.messages import parse_timestamp
 from pipeline.normalise import StoredRequest
+from pipeline.queue import lease_running
 from pipeline.schema import deliveries, events, outbox, rejected
 from pipeline.store import Store, now_ms
 
@@ -56,7 +57,7 @@ class Status:
 def status(store: Store, config: Config) -> Status:
     now = now_ms()
     result = Status(destinations={d.name: DestinationStatus() for d in config.destinations})
-    leased = and_(deliveries.c.locked_until_ms.is_not(None), deliveries.c.locked_until_ms > now)
+    leased = lease_running(now)
     query = (select(deliveries.c.destination,
                     func.sum(case((and_(deliveries.c.state == "pending", ~leased, deliveries.c.attempts == 0), 1),
                                   else_=0)),
@@ -94,7 +95,7 @@ def replay_deliveries(store: Store, destination: str, state: str = "dead", since
     conditions = [deliveries.c.destination == destination, deliveries.c.state == state]
     if state == "pending":
         # Never reset a delivery a worker holds: its result would be lost and the event sent twice.
-        conditions.append(or_(deliveries.c.locked_until_ms.is_(None), deliveries.c.locked_until_ms <= now))
+        conditions.append(~lease_running(now))
     event_conditions = []
     if since_ms is not None:
         event_conditions.append(events.c.received_at_ms >= since_ms)

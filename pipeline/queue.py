@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, update
+from sqlalchemy import ColumnElement, and_, bindparam, update
 
 from pipeline.retry import DEAD, DELIVERED, Decision
 from pipeline.schema import deliveries
@@ -131,6 +131,13 @@ class ResumePoints:
 def _claim_order(row: Any) -> tuple[int, int]:
     """A claimed Postgres row's place in the claim order: (its due time before the claim, id)."""
     return row[4], row[0]
+
+
+def lease_running(now: int) -> ColumnElement[bool]:
+    """A delivery someone holds at ``now``: the complement of ``_NOT_LEASED``, for statements
+    built with SQLAlchemy (status, replay). Written out with IS NOT NULL so that its negation
+    is true, not NULL, for a row with no lease."""
+    return and_(deliveries.c.locked_until_ms.is_not(None), deliveries.c.locked_until_ms > now)
 
 
 def worker_id() -> str:
@@ -240,6 +247,8 @@ class DeliveryQueue:
                 next_attempt_at_ms=now_ms(), locked_until_ms=None, locked_by=None)).rowcount
 
     def release_expired(self) -> int:
+        # Leased rows whose lease is no longer running (not NOT lease_running: that would
+        # rewrite every pending row that holds no lease at all).
         with self.store.engine.begin() as conn:
             return conn.execute(update(deliveries).where(
                 deliveries.c.state == "pending", deliveries.c.locked_until_ms <= now_ms()).values(
