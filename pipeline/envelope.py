@@ -62,13 +62,17 @@ TOO_DEEP = Problem("nesting_too_deep", "Message nested too deeply",
                    "JSON nested more than 255 levels deep cannot be stored")
 
 
-def writable(value: Any) -> bool:
-    """Whether orjson can write ``value`` back (parsed JSON fails only by nesting too deep)."""
+def dumped(value: Any) -> bytes | None:
+    """``value`` written back as compact JSON; None if orjson cannot (parsed JSON fails only
+    by nesting too deep)."""
     try:
-        orjson.dumps(value)
+        return orjson.dumps(value)
     except orjson.JSONEncodeError:
-        return False
-    return True
+        return None
+
+
+def writable(value: Any) -> bool:
+    return dumped(value) is not None
 
 
 def parse_json(body: bytes) -> Any:
@@ -141,10 +145,10 @@ def judge(envelope: Envelope, *, route_type: str | None, override_key: str | Non
 
 def _size_problem(message: Any, max_message_bytes: int) -> Problem | None:
     """A batch item over the per-message limit as compact JSON, or too deep to write at all."""
-    try:
-        size = len(orjson.dumps(message))
-    except orjson.JSONEncodeError:
+    written = dumped(message)
+    if written is None:
         return TOO_DEEP
+    size = len(written)
     if size > max_message_bytes:
         return Problem("message_too_large", "Message too large",
                        f"message is {size} bytes, the limit is {max_message_bytes}", status=413)

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.envelope import BATCH, SINGLE, TOO_DEEP, WEBHOOK, Envelope, Refused, judge, open_envelope
+from pipeline.envelope import BATCH, SINGLE, TOO_DEEP, WEBHOOK, Envelope, Refused, dumped, judge, open_envelope
 from pipeline.messages import Problem, message_type, parse_timestamp, present
 from pipeline.sources import SourceRegistry
 
@@ -88,7 +88,7 @@ def expand(request: StoredRequest, sources: SourceRegistry, *, max_message_bytes
         message = envelope.items[verdict.index]
         if verdict.problem is not None or verdict.source is None:
             problem = verdict.problem or Problem("invalid_write_key", "Invalid or missing writekey")
-            refused.append(RefusedMessage(verdict.index, problem, _written(message)))
+            refused.append(RefusedMessage(verdict.index, problem, dumped(message)))
             continue
         payload = normalise(message, envelope, request, verdict.index, route_type, add_context_ip, times)
         try:
@@ -100,14 +100,6 @@ def expand(request: StoredRequest, sources: SourceRegistry, *, max_message_bytes
                                    payload.get("event") if payload["type"] == "track" else None, payload,
                                    payload_json))
     return Expansion(events, refused)
-
-
-def _written(message: Any) -> bytes | None:
-    """A refused message as JSON for its rejected record; None if it is too deep to write."""
-    try:
-        return orjson.dumps(message)
-    except orjson.JSONEncodeError:
-        return None
 
 
 def normalise(message: dict[str, Any], envelope: Envelope, request: StoredRequest, index: int,
