@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -489,3 +491,28 @@ def test_an_unexpected_error_is_a_json_500_logged_and_the_connection_still_serve
     second = receiver.post("/v1/track", TRACK)  # the same keep-alive client connection
     assert (second.status_code, second.json()) == (200, SUCCESS)
     assert len(receiver.outbox()) == 1
+
+
+def test_a_request_that_ended_in_a_500_is_not_waited_for_by_later_commits(
+        start_receiver: Callable[..., RunningReceiver], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count of requests being judged goes down however a request ends: a lone request's
+    commit waits for others in progress (commit_gather_ms, 1 s here), so a count left one high
+    by the 500 (or by a 200) would make every request after it wait the whole second."""
+    from receiver import ingest
+
+    receiver = start_receiver(commit_gather_ms=1000)
+    real_judge = ingest.judge
+    calls: list[int] = []
+
+    def judge_failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("injected")
+        return real_judge(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "judge", judge_failing_once)
+    assert receiver.post("/v1/track", TRACK).status_code == 500
+    for _ in range(2):
+        started = time.monotonic()
+        assert receiver.post("/v1/track", TRACK).status_code == 200
+        assert time.monotonic() - started < 0.5
