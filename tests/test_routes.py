@@ -468,10 +468,8 @@ def test_spec_malformed_examples_get_a_clear_invalid_json(receiver: RunningRecei
                          example.encode())
 
 
-def test_an_unexpected_error_is_a_json_500_logged_and_the_connection_still_serves(
-        receiver: RunningReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """A bug of ours while judging (injected: judge raises once) answers like Tornado would, in
-    our JSON shape, stores nothing, and the next request on the same connection is served."""
+def make_judge_fail_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of ours, injected: the receiver's next judge() raises, the ones after it judge."""
     from receiver import ingest
 
     real_judge = ingest.judge
@@ -484,6 +482,13 @@ def test_an_unexpected_error_is_a_json_500_logged_and_the_connection_still_serve
         return real_judge(*args, **kwargs)
 
     monkeypatch.setattr(ingest, "judge", judge_failing_once)
+
+
+def test_an_unexpected_error_is_a_json_500_logged_and_the_connection_still_serves(
+        receiver: RunningReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug of ours while judging (injected: judge raises once) answers like Tornado would, in
+    our JSON shape, stores nothing, and the next request on the same connection is served."""
+    make_judge_fail_once(monkeypatch)
     first = receiver.post("/v1/track", TRACK)
     assert (first.status_code, first.json()) == (500, single_error(
         "http_500", "Internal Server Error", "", error="Internal Server Error"))
@@ -498,19 +503,8 @@ def test_a_request_that_ended_in_a_500_is_not_waited_for_by_later_commits(
     """The count of requests being judged goes down however a request ends: a lone request's
     commit waits for others in progress (commit_gather_ms, 1 s here), so a count left one high
     by the 500 (or by a 200) would make every request after it wait the whole second."""
-    from receiver import ingest
-
     receiver = start_receiver(commit_gather_ms=1000)
-    real_judge = ingest.judge
-    calls: list[int] = []
-
-    def judge_failing_once(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyError("injected")
-        return real_judge(*args, **kwargs)
-
-    monkeypatch.setattr(ingest, "judge", judge_failing_once)
+    make_judge_fail_once(monkeypatch)
     assert receiver.post("/v1/track", TRACK).status_code == 500
     for _ in range(2):
         started = time.monotonic()
