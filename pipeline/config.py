@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.origins import OriginPattern, parse_pattern
+
 ENV_PREFIX = "TRACKRELAY_"
 
 
@@ -61,8 +63,16 @@ class ReceiverConfig:
     retry_after_seconds: float = 5.0
     # Where to record refused input for operators; raw input is cut to this many bytes.
     rejected_raw_bytes: int = 2048
-    # Behind a proxy: take the client address from X-Forwarded-For / X-Real-Ip.
+    # Behind a proxy: take the client address from X-Forwarded-For / X-Real-Ip (and the public
+    # scheme and host from X-Forwarded-Proto / X-Forwarded-Host where public_url is not set).
     trust_forwarded_headers: bool = False
+    # How browsers reach this receiver ("https://track.shop.example", optionally with a path
+    # prefix): what the SDK settings and the first-party bundle point them at. Empty: taken
+    # from each request's Host.
+    public_url: str = ""
+    # A folder holding a copy of analytics-next's dist/umd files: served as the first-party
+    # analytics.js (receiver/bundle.py). Empty: not served.
+    browser_sdk_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,15 @@ class SourceConfig:
     name: str
     write_keys: tuple[str, ...]
     destinations: tuple[str, ...] | None = None
+    # Browser safety (a browser write key is public): requests carrying an Origin not listed
+    # here are refused 403; empty allows every origin. Patterns: pipeline/origins.py.
+    allowed_origins: tuple[OriginPattern, ...] = ()
+    # Requests a second (token bucket; 0 is off) for the whole source, and per client address
+    # using it; a burst of 0 means max(1, rate).
+    rate_limit_per_second: float = 0.0
+    rate_limit_burst: int = 0
+    client_rate_limit_per_second: float = 0.0
+    client_rate_limit_burst: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,9 +265,9 @@ def _build_sources(raw: Any) -> tuple[SourceConfig, ...]:
         where = f"[[sources]] #{i + 1}"
         if not isinstance(table, Mapping):
             raise ConfigError(f"{where}: expected a table")
-        unknown = set(table) - {"name", "write_keys", "destinations"}
+        unknown = set(table) - _SOURCE_KEYS
         if unknown:
-            raise ConfigError(f"{where} {sorted(unknown)[0]}: unknown key (known: destinations, name, write_keys)")
+            raise ConfigError(f"{where} {sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_SOURCE_KEYS))})")
         name = table.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where} name: required, a non-empty string")
@@ -266,8 +285,31 @@ def _build_sources(raw: Any) -> tuple[SourceConfig, ...]:
         if dests is not None:
             dests = _convert(f"{where} destinations", dests, tuple[str, ...], False)
         seen_names.add(name)
-        sources.append(SourceConfig(name=name, write_keys=keys, destinations=dests))
+        sources.append(SourceConfig(name=name, write_keys=keys, destinations=dests,
+                                    **_browser_safety(f"[[sources]] {name}", table)))
     return tuple(sources)
+
+
+_LIMIT_KEYS = {"rate_limit_per_second": float, "rate_limit_burst": int,
+               "client_rate_limit_per_second": float, "client_rate_limit_burst": int}
+_SOURCE_KEYS = {"name", "write_keys", "destinations", "allowed_origins", *_LIMIT_KEYS}
+
+
+def _browser_safety(where: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """A source's allowed_origins (parsed) and rate limits (checked)."""
+    values: dict[str, Any] = {key: _convert(f"{where} {key}", table[key], hint, False)
+                              for key, hint in _LIMIT_KEYS.items() if key in table}
+    patterns = []
+    for text in _convert(f"{where} allowed_origins", table.get("allowed_origins", []), tuple[str, ...], False):
+        try:
+            patterns.append(parse_pattern(text))
+        except ValueError as exc:
+            raise ConfigError(f"{where} allowed_origins: {exc}") from None
+    values["allowed_origins"] = tuple(patterns)
+    for scope in ("", "client_"):
+        if values.get(f"{scope}rate_limit_burst") and not values.get(f"{scope}rate_limit_per_second"):
+            raise ConfigError(f"{where} {scope}rate_limit_burst: needs {scope}rate_limit_per_second")
+    return values
 
 
 def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
@@ -386,6 +428,11 @@ def _check_limits(receiver: ReceiverConfig) -> None:
     if receiver.commit_gather_ms > 1000:  # negative values are refused with every other number
         raise ConfigError("[receiver] commit_gather_ms: must be at most 1000 (a request waits up to this long "
                           "for others to share its commit)")
+    if receiver.public_url:
+        _check_public_url(receiver.public_url)
+    if receiver.browser_sdk_dir and not Path(receiver.browser_sdk_dir, "standalone.js").is_file():
+        raise ConfigError(f"[receiver] browser_sdk_dir: {receiver.browser_sdk_dir}/standalone.js not found (copy "
+                          "analytics-next's dist/umd folder there: see the README's Websites section)")
     if receiver.discard_cap_bytes < max(receiver.max_call_bytes, receiver.max_batch_bytes):
         raise ConfigError("[receiver] discard_cap_bytes: must be at least the largest request limit")
 
@@ -399,3 +446,16 @@ def settings_help() -> str:
             lines.append(f"  [{name}] {f.name:<24} {env_name(name, f.name):<44} default {default!r}")
     lines.append(f"  log_level{'':<24} {ENV_PREFIX + 'LOG_LEVEL':<44} default 'INFO'")
     return "\n".join(lines)
+
+
+def _check_public_url(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or parts.username or parts.password:
+        raise ConfigError(f"[receiver] public_url: expected http(s)://host[:port][/path], got {url!r}")

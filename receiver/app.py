@@ -12,6 +12,8 @@ from typing import Any
 from tornado.web import Application
 
 from pipeline.messages import MESSAGE_TYPES
+from receiver.browser import BundleHandler, ChunkHandler, SettingsHandler, SourceConfigHandler
+from receiver.bundle import BrowserBundle
 from receiver.context import ReceiverContext
 from receiver.handlers import HealthHandler, IngestPathHandler, MetricsHandler, NotFoundHandler
 from receiver.ingest import IngestRouter, ingest_routes
@@ -25,6 +27,14 @@ def routes(ctx: ReceiverContext) -> list[tuple[str, type, dict[str, Any]]]:
     table += [
         (r"/v1/m", MetricsHandler, {"ctx": ctx}),
         (r"/health", HealthHandler, {"ctx": ctx}),
+        (r"/v1/projects/([^/]+)/settings/?", SettingsHandler, {"ctx": ctx}),
+        (r"/sourceConfig/?", SourceConfigHandler, {"ctx": ctx}),
+    ]
+    sdk_dir = ctx.config.receiver.browser_sdk_dir
+    bundle = {"ctx": ctx, "bundle": BrowserBundle(sdk_dir) if sdk_dir else None}
+    table += [
+        (r"/analytics\.js/v1/([^/]+)/analytics\.min\.js", BundleHandler, bundle),
+        (r"/analytics-next/bundles/([^/]+)", ChunkHandler, bundle),
     ]
     return table
 

@@ -11,6 +11,8 @@ from pipeline.sources import SourceRegistry
 from pipeline.store import Store
 from pipeline.wakeup import SqliteSignal, outbox_signal
 from receiver.commit import GroupCommitter
+from receiver.cors import CorsPolicy
+from receiver.guard import BrowserGuard
 
 
 class Judging:
@@ -33,11 +35,16 @@ class ReceiverContext:
     store: Store
     committer: GroupCommitter
     sources: SourceRegistry
+    cors: CorsPolicy
+    guard: BrowserGuard
     # Requests being received or committed; shutdown waits for them to be answered.
     active: set[Any] = field(default_factory=set)
     # SQLite: the socket that wakes the worker after each commit; closed once drained.
     wakeup: SqliteSignal | None = None
     judging: Judging = field(default_factory=Judging)
+    # Set at shutdown: the rate-limit tally writes what it counted and ends.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    tally_task: asyncio.Task[None] | None = None
 
     @classmethod
     def create(cls, config: Config, store: Store) -> ReceiverContext:
@@ -47,8 +54,12 @@ class ReceiverContext:
                                    timeout=config.database.lock_timeout_seconds + 5,
                                    on_commit=signal.send if signal is not None else None,
                                    gather_seconds=config.receiver.commit_gather_ms / 1000, in_progress=judging)
-        return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
-                   wakeup=signal, judging=judging)
+        cors = CorsPolicy(config)
+        ctx = cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
+                  wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors))
+        if ctx.guard.limiter.enabled:
+            ctx.tally_task = asyncio.ensure_future(ctx.guard.run_tally(committer, ctx.stopping))
+        return ctx
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout``) for active requests to be answered, then for the committer."""
@@ -56,6 +67,9 @@ class ReceiverContext:
         deadline = loop.time() + timeout
         while self.active and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        self.stopping.set()
+        if self.tally_task is not None:
+            await self.tally_task  # its last rows go in before the committer closes
         await self.committer.close()
         if self.wakeup is not None:
             self.wakeup.close()  # after the committer: its last commits still wake the worker

@@ -1,26 +1,111 @@
-"""CORS for the browser SDKs, which post cross-origin; on every /v1 answer, errors included."""
+"""CORS for the browser SDKs, which call us cross-origin: on every answer of the browser-facing
+routes, errors included, and the preflights before them.
+
+Which origins get an answer they may read:
+- ``[receiver] cors_origins`` set: only those, whatever the source;
+- else, once the source is known (the request's write key), that source's ``allowed_origins``
+  (every origin when it lists none);
+- else (a preflight, which never carries credentials, or an error before the key was read):
+  any origin some source would take; every origin if some source lists none.
+Without any list the answer is ``*``, the same for everyone, and says nothing of the Origin.
+Otherwise the Origin is echoed (with ``Allow-Credentials``, which ``*`` must never carry) and
+``Vary: Origin`` tells caches the answer depends on it.
+
+A preflight's ``Access-Control-Request-Headers`` are allowed as asked when they are valid header
+names, rather than from a fixed list that the next SDK version outgrows (RudderStack's v3 asks
+for ``anonymousid``, ``sentat`` and four ``rsa-*`` retry headers).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import re
+from collections.abc import Sequence
 
-ALLOW_HEADERS = "Content-Type, Authorization, X-Retry-Count"
+from pipeline.config import Config, SourceConfig
+from pipeline.origins import OriginPattern, origin_allowed
+
+DEFAULT_ALLOW_HEADERS = "Content-Type, Authorization, X-Retry-Count"
 ALLOW_METHODS = "GET, POST, OPTIONS"
 MAX_AGE = "86400"
+# The SDK must read Retry-After to honour a 429's or a 503's wait (it is not a CORS-safelisted
+# response header).
+EXPOSE_HEADERS = "Retry-After"
+
+# A comma-separated list of header names (RFC 9110 tokens), as a preflight asks for them.
+_HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+MAX_REQUESTED_HEADERS = 2048
 
 
-def cors_headers(origin: str | None, allowed_origins: Collection[str]) -> dict[str, str]:
-    """Headers for a request from ``origin``: ``*`` unless an allow-list is configured."""
-    headers = {
-        "Access-Control-Allow-Headers": ALLOW_HEADERS,
-        "Access-Control-Allow-Methods": ALLOW_METHODS,
-        "Access-Control-Max-Age": MAX_AGE,
-    }
-    if not allowed_origins:
-        headers["Access-Control-Allow-Origin"] = "*"
+class CorsPolicy:
+    """The CORS headers of each answer, from the configured origin lists."""
+
+    def __init__(self, config: Config) -> None:
+        self.global_origins = frozenset(config.receiver.cors_origins)
+        self.by_source = {source.name: source.allowed_origins for source in config.sources}
+        self.any_unrestricted = config.open_mode or any(not s.allowed_origins for s in config.sources)
+        self.union: tuple[OriginPattern, ...] = tuple(p for s in config.sources for p in s.allowed_origins)
+        # With no list anywhere every answer is "*": nothing depends on the Origin.
+        self.restricted = bool(self.global_origins) or bool(self.union)
+
+    def allows(self, origin: str, sources: Sequence[str] | None = None) -> bool:
+        """Whether ``origin`` may read answers for ``sources`` (None: not known yet)."""
+        if self.global_origins:
+            return origin in self.global_origins
+        if sources is None:
+            return self.any_unrestricted or origin_allowed(origin, self.union)
+        return all(not self.by_source.get(name) or origin_allowed(origin, self.by_source[name]) for name in sources)
+
+    def source_allows(self, source: SourceConfig | None, origin: str) -> bool:
+        """A source's own list (not the global one): may a request from ``origin`` use its key?"""
+        return source is None or not source.allowed_origins or origin_allowed(origin, source.allowed_origins)
+
+    def headers(self, origin: str | None, sources: Sequence[str] | None = None) -> dict[str, str]:
+        """Headers for an answer to a request from ``origin`` carrying keys of ``sources``."""
+        headers = {
+            "Access-Control-Allow-Headers": DEFAULT_ALLOW_HEADERS,
+            "Access-Control-Allow-Methods": ALLOW_METHODS,
+            "Access-Control-Max-Age": MAX_AGE,
+            "Access-Control-Expose-Headers": EXPOSE_HEADERS,
+        }
+        if not self.restricted:
+            headers["Access-Control-Allow-Origin"] = "*"
+            return headers
+        # The answer depends on the Origin: caches must know, even when we refuse it.
+        headers["Vary"] = "Origin"
+        if origin and self.allows(origin, sources):
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Allow-Credentials"] = "true"
         return headers
-    # The answer depends on the Origin: caches must know, even when we refuse it.
-    headers["Vary"] = "Origin"
-    if origin and origin in allowed_origins:
-        headers["Access-Control-Allow-Origin"] = origin
-    return headers
+
+    def refusal_headers(self, origin: str | None) -> dict[str, str]:
+        """Headers for a 403 refusing ``origin``: readable by the page, so that its SDK sees a
+        final 4xx and drops the event rather than retrying what looks like a network error."""
+        headers = self.headers(origin, ())
+        if origin and "Access-Control-Allow-Origin" not in headers:
+            headers["Access-Control-Allow-Origin"] = origin
+        return headers
+
+    def preflight_headers(self, origin: str | None, requested: str | None, private_network: bool,
+                          sources: Sequence[str] | None = None) -> dict[str, str]:
+        """Headers for an OPTIONS preflight: the origin rules above, the headers it asked for."""
+        headers = self.headers(origin, sources)
+        allowed = allowed_request_headers(requested)
+        if allowed is not None:
+            headers["Access-Control-Allow-Headers"] = allowed
+            headers["Vary"] = "Origin, Access-Control-Request-Headers" if self.restricted \
+                else "Access-Control-Request-Headers"
+        # Chrome asks before a public page may call a private address (Private Network Access).
+        if private_network and "Access-Control-Allow-Origin" in headers:
+            headers["Access-Control-Allow-Private-Network"] = "true"
+        return headers
+
+
+def allowed_request_headers(requested: str | None) -> str | None:
+    """The preflight's requested header names, normalised, if they are a valid list; None for
+    none or an invalid one (then the default list is answered)."""
+    if not requested or len(requested) > MAX_REQUESTED_HEADERS:
+        return None
+    text = requested.strip()
+    if not _HEADER_LIST.fullmatch(text):
+        return None
+    return ", ".join(name.strip() for name in text.split(","))

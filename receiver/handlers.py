@@ -8,16 +8,18 @@ import logging
 from typing import Any
 
 import orjson
-from tornado.web import RequestHandler
+from tornado.web import HTTPError, RequestHandler
 
 from pipeline.messages import Problem
 from pipeline.store import StoreUnavailable
 from receiver.answers import STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, retry_after, single_error
 from receiver.context import ReceiverContext
-from receiver.cors import cors_headers
 from receiver.recording import commit_request, record_rejected
 
 log = logging.getLogger("trackrelay.receiver")
+
+# The paths browsers call cross-origin, whose answers carry CORS headers.
+BROWSER_PATHS = ("/v1/", "/sourceConfig", "/analytics.js/", "/analytics-next/")
 
 
 
@@ -32,13 +34,24 @@ class ApiHandler(RequestHandler):
 
     def set_default_headers(self) -> None:
         # Tornado calls this once before initialize() (no ctx yet) and again after clear().
-        if hasattr(self, "ctx") and self.request.path.startswith("/v1/"):
-            allowed = self.ctx.config.receiver.cors_origins
-            for name, value in cors_headers(self.request.headers.get("Origin"), allowed).items():
+        if hasattr(self, "ctx") and self.request.path.startswith(BROWSER_PATHS):
+            for name, value in self.ctx.cors.headers(self.request.headers.get("Origin"), self.cors_sources()).items():
                 self.set_header(name, value)
         self.set_header("Cache-Control", "no-store")
 
+    def cors_sources(self) -> list[str] | None:
+        """The sources whose origin lists this answer follows; None: not known (receiver/cors.py)."""
+        return None
+
     def options(self, *_: Any) -> None:
+        if not self.request.path.startswith(BROWSER_PATHS):
+            raise HTTPError(405)
+        headers = self.request.headers
+        preflight = self.ctx.cors.preflight_headers(
+            headers.get("Origin"), headers.get("Access-Control-Request-Headers"),
+            headers.get("Access-Control-Request-Private-Network", "").lower() == "true", self.cors_sources())
+        for name, value in preflight.items():
+            self.set_header(name, value)
         self.set_status(204)
         self.finish()
 

@@ -34,7 +34,6 @@ from receiver.answers import (STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, batch_e
 from receiver.auth import basic_auth_username
 from receiver.body import TOO_LARGE, BodyError, BodyReader, encoding_problem
 from receiver.context import ReceiverContext
-from receiver.cors import cors_headers
 from receiver.recording import commit_request, record_rejected
 
 log = logging.getLogger("trackrelay.receiver")
@@ -122,6 +121,9 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         self.batch_format = route.kind == BATCH
         self.answered = False
         self.task: asyncio.Task[None] | None = None
+        # The sources of the request's accepted messages, once judged: whose origin lists
+        # the CORS headers follow (None: not known, see receiver/cors.py).
+        self.sources: list[str] | None = None
 
     # -- what Tornado's HTTP/1.1 connection calls --------------------------------------------
 
@@ -213,6 +215,10 @@ class IngestRequest(httputil.HTTPMessageDelegate):
                          auth_key=auth_key, source_for=self.ctx.sources.source_for,
                          max_message_bytes=receiver.max_message_bytes, body_size=len(body))
         accepted = [v for v in verdicts if v.problem is None]
+        if accepted and (self.ctx.guard.active or self.ctx.cors.restricted):
+            self.sources = list(dict.fromkeys(v.source or "" for v in accepted))
+            if self.ctx.guard.active and await self.guarded(self.sources, body):
+                return
         if not self.batch_format:
             if not accepted:
                 problem = verdicts[0].problem
@@ -229,6 +235,20 @@ class IngestRequest(httputil.HTTPMessageDelegate):
             # The failed items of a partial success are recorded once, by the pipeline, when it
             # decodes this stored request.
             self.answer(200 if summary is None else receiver.partial_success_status, answer)
+
+    async def guarded(self, sources: list[str], body: bytes) -> bool:
+        """Refuse the request (and return True) if its origin or rate is not allowed."""
+        route = self.route.route
+        refusal = self.ctx.guard.check(self.request.headers.get("Origin"), sources, self.request.remote_ip, route)
+        if refusal is None:
+            return False
+        if refusal.problem.status == 403:
+            await record_rejected(self.ctx, self.request, route, refusal.problem, body)
+            headers = self.ctx.cors.refusal_headers(self.request.headers.get("Origin"))
+            self.answer(403, self.error_body(refusal.problem), cors=headers)
+        else:  # 429: counted by the guard, written as one row per interval
+            self.answer(429, self.error_body(refusal.problem), retry_after_seconds=refusal.retry_after)
+        return True
 
     def query_write_key(self) -> str | None:
         """``?writeKey=``, read as Tornado's ``get_query_argument`` reads it; empty is none."""
@@ -267,7 +287,8 @@ class IngestRequest(httputil.HTTPMessageDelegate):
 
     # -- the answer ---------------------------------------------------------------------------
 
-    def answer(self, status: int, body: dict[str, Any], closing: bool = False) -> None:
+    def answer(self, status: int, body: dict[str, Any], closing: bool = False, cors: dict[str, str] | None = None,
+               retry_after_seconds: int = 0) -> None:
         if self.answered:
             return
         payload = SUCCESS_BYTES if body is SUCCESS else orjson.dumps(body)
@@ -276,11 +297,14 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         headers["Date"] = _Date.now()
         headers["Content-Type"] = JSON
         headers["Cache-Control"] = "no-store"
-        for name, value in cors_headers(self.request.headers.get("Origin"),
-                                        self.ctx.config.receiver.cors_origins).items():
+        if cors is None:
+            cors = self.ctx.cors.headers(self.request.headers.get("Origin"), self.sources)
+        for name, value in cors.items():
             headers[name] = value
         if status == 503:
             headers["Retry-After"] = retry_after(self.ctx.config.receiver.retry_after_seconds)
+        elif retry_after_seconds:
+            headers["Retry-After"] = str(retry_after_seconds)
         headers["Content-Length"] = str(len(payload))
         if closing:
             headers["Connection"] = "close"

@@ -72,6 +72,13 @@ class PixelHandler(RecordingHandler):
             source = self.ctx.sources.source_for(message_write_key(message, None, None, auth_key))
             if source is None:
                 problem = Problem("invalid_write_key", "Invalid or missing writekey")
+        if problem is None and self.ctx.guard.active:
+            # An <img> cannot read an error: a refusal is recorded (a 403) or counted (a 429).
+            refusal = self.ctx.guard.check(self.request.headers.get("Origin"), [source or ""], self.request.remote_ip,
+                                           self.route)
+            if refusal is not None and refusal.problem.status == 429:
+                return self._gif()
+            problem = refusal.problem if refusal is not None else None
         if problem is not None:
             await self.record_rejected(problem, body)
             return self._gif()

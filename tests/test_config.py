@@ -177,6 +177,26 @@ ERRORS = {
                             "[[sources]] #1 write_keys: at least one non-empty key is required"),
     "source_unknown_key": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nwritekeys = ["k"]\n', None,
                            "[[sources]] #1 writekeys: unknown key"),
+    "bad_origin": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nallowed_origins = ["https://a.example/path"]\n',
+                   None, "[[sources]] web allowed_origins: 'https://a.example/path' is not an origin"),
+    "origin_port": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nallowed_origins = ["http://a:99999"]\n',
+                    None, "[[sources]] web allowed_origins: 'http://a:99999': port out of range"),
+    "origin_not_list": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nallowed_origins = "https://a.example"\n',
+                        None, "[[sources]] web allowed_origins: expected a list of strings, got str"),
+    "negative_rate": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nrate_limit_per_second = -1\n', None,
+                      "[[sources]] web rate_limit_per_second: must not be negative"),
+    "burst_without_rate": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nclient_rate_limit_burst = 5\n', None,
+                           "[[sources]] web client_rate_limit_burst: needs client_rate_limit_per_second"),
+    "fractional_burst": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nrate_limit_per_second = 1\n'
+                         'rate_limit_burst = 1.5\n', None, "[[sources]] web rate_limit_burst: expected an integer"),
+    "public_url_scheme": ('[receiver]\npublic_url = "ftp://t.example"\n', None,
+                          "[receiver] public_url: expected http(s)://host[:port][/path]"),
+    "public_url_query": ('[receiver]\npublic_url = "https://t.example/?a=1"\n', None,
+                         "[receiver] public_url: expected http(s)://host[:port][/path]"),
+    "public_url_port": ('[receiver]\npublic_url = "https://t.example:99999"\n', None,
+                        "[receiver] public_url: expected http(s)://host[:port][/path]"),
+    "sdk_dir_missing": ('[receiver]\nbrowser_sdk_dir = "/nonexistent"\n', None,
+                        "[receiver] browser_sdk_dir: /nonexistent/standalone.js not found"),
     "duplicate_source": ('[[sources]]\nname = "web"\nwrite_keys = ["a"]\n'
                          '[[sources]]\nname = "web"\nwrite_keys = ["b"]\n', None,
                          "[[sources]] #2 name: 'web' is used twice"),
@@ -301,3 +321,23 @@ def test_fractional_retry_seconds_are_accepted_for_a_destination(tmp_path: Path)
 
     (hook,) = config.destinations
     assert (hook.name, hook.type, hook.retry_initial_seconds, hook.retry_max_seconds) == ("hook", "null", 0.05, 0.2)
+
+
+def test_browser_safety_settings_of_a_source(tmp_path: Path) -> None:
+    from pipeline.origins import OriginPattern
+
+    text = ('[receiver]\npublic_url = "https://track.shop.example/c"\n'
+            '[[sources]]\nname = "web"\nwrite_keys = ["k"]\n'
+            'allowed_origins = ["https://Shop.example", "https://*.shop.example:443", "http://localhost:3000", "null"]\n'
+            'rate_limit_per_second = 2.5\nrate_limit_burst = 10\nclient_rate_limit_per_second = 1\n')
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    config = load_config(path, env={})
+    [source] = config.sources
+    assert source.allowed_origins == (OriginPattern("https", "shop.example", "", False),
+                                      OriginPattern("https", "shop.example", "", True),
+                                      OriginPattern("http", "localhost", "3000", False),
+                                      OriginPattern("", "null", "", False))
+    assert (source.rate_limit_per_second, source.rate_limit_burst) == (2.5, 10)
+    assert (source.client_rate_limit_per_second, source.client_rate_limit_burst) == (1.0, 0)
+    assert config.receiver.public_url == "https://track.shop.example/c"

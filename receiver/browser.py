@@ -1,0 +1,151 @@
+"""The routes browser SDKs load before they send: analytics-next's settings, RudderStack's source
+config, and the first-party analytics.js bundle (see receiver/sdk_settings.py and
+receiver/bundle.py for what each answers and why)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from pipeline.messages import Problem
+from receiver.answers import single_error
+from receiver.auth import basic_auth_username
+from receiver.bundle import Asset, BrowserBundle
+from receiver.context import ReceiverContext
+from receiver.handlers import ApiHandler
+from receiver.sdk_settings import BadHost, analytics_next_settings, public_base, rudderstack_source_config
+
+SETTINGS_PATH = re.compile(r"/v1/projects/([^/]+)/settings/?")
+# Settings change when the configuration does (a restart): browsers and proxies may keep them
+# a while, as Segment's CDN lets them.
+SETTINGS_CACHE = "public, max-age=300"
+BUNDLE_CACHE = "public, max-age=300"
+CHUNK_CACHE = "public, max-age=31536000, immutable"  # the name carries the content's hash
+
+UNKNOWN_KEY = Problem("not_found", "Not Found", "no source has this write key", status=404, error="Not Found")
+
+
+class SourceLookup(ApiHandler):
+    """A handler whose answer is for one write key's source."""
+
+    def source_of(self, key: str | None) -> str | None:
+        return self.ctx.sources.source_for(key) if key else None
+
+    def cors_sources(self) -> list[str] | None:
+        source = self.source_of(self.write_key())
+        return [source] if source is not None else None
+
+    def write_key(self) -> str | None:
+        raise NotImplementedError
+
+    def answer_json(self, body: dict[str, Any], cache: str) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", cache)
+        self.finish(orjson.dumps(body))
+
+    def base_or_400(self) -> tuple[str, str] | None:
+        try:
+            return public_base(self.request, self.ctx.config.receiver)
+        except BadHost as exc:
+            self.answer(400, single_error(Problem("invalid_host", "Invalid Host", str(exc))))
+            return None
+
+
+class SettingsHandler(SourceLookup):
+    """``GET /v1/projects/<writeKey>/settings``: analytics-next's source settings."""
+
+    def write_key(self) -> str | None:
+        match = SETTINGS_PATH.fullmatch(self.request.path)
+        return unquote(match.group(1)) if match else None
+
+    def get(self, key: str) -> None:
+        if self.source_of(key) is None:
+            return self.answer(404, single_error(UNKNOWN_KEY))
+        base = self.base_or_400()
+        if base is not None:
+            self.answer_json(analytics_next_settings(key, *base), SETTINGS_CACHE)
+
+
+class SourceConfigHandler(SourceLookup):
+    """``GET /sourceConfig/?writeKey=...`` (and HEAD, which the SDK sends to detect ad
+    blockers): RudderStack's source config. The key comes from the query or Basic auth."""
+
+    def write_key(self) -> str | None:
+        key = self.get_query_argument("writeKey", None)
+        return key or basic_auth_username(self.request.headers.get("Authorization"))
+
+    def get(self) -> None:
+        key = self.write_key()
+        source = self.source_of(key)
+        if key is None or source is None:
+            return self.answer(404, single_error(UNKNOWN_KEY))
+        self.answer_json(rudderstack_source_config(key, source), SETTINGS_CACHE)
+
+    def head(self) -> None:
+        self.set_header("Cache-Control", SETTINGS_CACHE)
+        self.set_status(200 if self.source_of(self.write_key()) is not None else 404)
+        self.finish()
+
+
+class BundleHandler(SourceLookup):
+    """``/analytics.js/v1/<writeKey>/analytics.min.js``: the standalone bundle."""
+
+    def initialize(self, ctx: ReceiverContext, bundle: BrowserBundle | None = None, **_: Any) -> None:
+        super().initialize(ctx)
+        self.bundle = bundle
+
+    def write_key(self) -> str | None:
+        parts = self.request.path.split("/")
+        return unquote(parts[3]) if len(parts) > 3 else None
+
+    def not_served(self) -> bool:
+        if self.bundle is not None:
+            return False
+        self.answer(404, single_error(Problem(
+            "not_found", "Not Found", "analytics.js is not served here: set [receiver] browser_sdk_dir",
+            status=404, error="Not Found")))
+        return True
+
+    def get(self, key: str) -> None:
+        if self.not_served():
+            return
+        if self.source_of(key) is None:
+            return self.answer(404, single_error(UNKNOWN_KEY))
+        base = self.base_or_400()
+        if base is not None:
+            assert self.bundle is not None
+            self.send_asset(self.bundle.standalone(f"{base[0]}://{base[1]}"), BUNDLE_CACHE)
+
+    def send_asset(self, asset: Asset | None, cache: str) -> None:
+        if asset is None:
+            return self.answer(404, single_error(Problem("not_found", "Not Found", f"no file {self.request.path}",
+                                                         status=404, error="Not Found")))
+        self.set_header("Cache-Control", cache)
+        self.set_header("ETag", asset.etag)
+        self.set_header("Content-Type", asset.content_type)
+        self.add_header("Vary", "Accept-Encoding")
+        if asset.etag in [tag.strip() for tag in self.request.headers.get("If-None-Match", "").split(",")]:
+            self.set_status(304)
+            return self.finish()
+        if "gzip" in self.request.headers.get("Accept-Encoding", ""):
+            self.set_header("Content-Encoding", "gzip")
+            return self.finish(asset.gzipped)
+        self.finish(asset.body)
+
+    def compute_etag(self) -> str | None:
+        return None  # ours is set above; Tornado's own would hash every answer again
+
+
+class ChunkHandler(BundleHandler):
+    """``/analytics-next/bundles/<name>``: the chunks the bundle loads as it needs them."""
+
+    def write_key(self) -> str | None:
+        return None
+
+    def get(self, name: str) -> None:  # type: ignore[override]
+        if not self.not_served():
+            assert self.bundle is not None
+            self.send_asset(self.bundle.chunk(name), CHUNK_CACHE)

@@ -1,0 +1,95 @@
+"""Per-source browser safety, once a request's sources are known: its ``Origin`` must be one
+the source allows (``403`` otherwise), and it must fit the source's rate limits (``429``).
+
+Requests without an ``Origin`` (servers, SDKs outside a browser, ``<img>`` pixels) pass the
+origin check: only browsers send it, and only a browser's page can be made to send a public
+key from somewhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipeline.config import Config
+from pipeline.messages import Problem
+from pipeline.store import StoreUnavailable, now_ms
+from receiver.commit import GroupCommitter
+from receiver.cors import CorsPolicy
+from receiver.ratelimit import RateLimiter, RefusalTally
+
+log = logging.getLogger("trackrelay.receiver")
+
+# How often the refusals counted are written to `rejected` (one row per source and route).
+TALLY_INTERVAL_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    problem: Problem
+    retry_after: int = 0  # seconds, for a 429
+
+
+def origin_refused(origin: str, source: str) -> Problem:
+    return Problem("origin_not_allowed", "Origin not allowed",
+                   f"source {source!r} does not take requests from origin {origin[:200]!r}",
+                   status=403, error="Forbidden")
+
+
+def rate_limited(source: str) -> Problem:
+    return Problem("rate_limited", "Too many requests", f"source {source!r} is over its rate limit",
+                   status=429, error="Too Many Requests")
+
+
+class BrowserGuard:
+    def __init__(self, config: Config, cors: CorsPolicy) -> None:
+        self.cors = cors
+        self.sources = {s.name: s for s in config.sources}
+        self.limiter = RateLimiter(config.sources)
+        self.tally = RefusalTally()
+        self.checks_origins = any(s.allowed_origins for s in config.sources)
+        # Off (the default): the ingest path does not even gather a request's sources.
+        self.active = self.checks_origins or self.limiter.enabled
+
+    def check(self, origin: str | None, sources: Sequence[str], client: str | None, route: str) -> Refusal | None:
+        """None if the request may go on; else why not. A refused request takes no tokens."""
+        if origin is not None and self.checks_origins:
+            for name in sources:
+                if not self.cors.source_allows(self.sources.get(name), origin):
+                    return Refusal(origin_refused(origin, name))
+        if self.limiter.enabled:
+            wait = self.limiter.admit(sources, client or "")
+            if wait > 0:
+                source = next(name for name in sources if name in self.limiter.limits)
+                self.tally.add(source, route, now_ms())
+                return Refusal(rate_limited(source), retry_after=max(1, math.ceil(wait)))
+        return None
+
+    async def write_tally(self, committer: GroupCommitter) -> None:
+        """One `rejected` row per source and route for the rate-limited requests counted."""
+        since, counts = self.tally.take()
+        if not counts:
+            return
+        until = now_ms()
+        for (source, route), count in sorted(counts.items()):
+            row = {"received_at_ms": until, "route": route, "source": source, "status": 429,
+                   "code": "rate_limited", "remote_addr": None, "raw": None,
+                   "reason": f"{count} request(s) over the rate limit of source {source!r} refused with 429 "
+                             f"in the {(until - (since or until)) / 1000:.1f} s before this row"}
+            log.warning("event=rate_limited source=%s route=%s refused=%d", source, route, count)
+            try:
+                await committer.commit("rejected", row)
+            except StoreUnavailable as exc:
+                log.warning("event=rejected_not_recorded code=rate_limited count=%d error=%r", count, str(exc))
+
+    async def run_tally(self, committer: GroupCommitter, stop: asyncio.Event) -> None:
+        """Write the tally every interval until ``stop``, then once more."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), TALLY_INTERVAL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            await self.write_tally(committer)
