@@ -80,10 +80,7 @@ class CorsPolicy:
     def refusal_headers(self, origin: str | None) -> dict[str, str]:
         """Headers for a 403 refusing ``origin``: readable by the page, so that its SDK sees a
         final 4xx and drops the event rather than retrying what looks like a network error."""
-        headers = self.headers(origin, ())
-        if origin and "Access-Control-Allow-Origin" not in headers:
-            headers["Access-Control-Allow-Origin"] = origin
-        return headers
+        return self.headers(origin, ())  # no source's list applies to an answer that refuses
 
     def preflight_headers(self, origin: str | None, requested: str | None, private_network: bool,
                           sources: Sequence[str] | None = None) -> dict[str, str]:
