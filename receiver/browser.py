@@ -74,7 +74,11 @@ class SourceConfigHandler(SourceLookup):
     blockers): RudderStack's source config. The key comes from the query or Basic auth."""
 
     def write_key(self) -> str | None:
-        key = self.get_query_argument("writeKey", None)
+        # Read by hand, not with get_query_argument: this runs while the handler is built (for
+        # its CORS headers), where an HTTPError for a key that is not UTF-8 would drop the
+        # connection unanswered. Such a key is no source's: a 404.
+        values = self.request.query_arguments.get("writeKey")
+        key = values[-1].decode("utf-8", "replace") if values else None
         return key or basic_auth_username(self.request.headers.get("Authorization"))
 
     def get(self) -> None:

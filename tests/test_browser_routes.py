@@ -100,7 +100,7 @@ def test_source_config_takes_the_key_from_basic_auth(start_receiver: Callable[..
     assert receiver.get("/sourceConfig/", headers=basic("WEBKEY")).json()["source"]["writeKey"] == "WEBKEY"
 
 
-@pytest.mark.parametrize("query", ["?writeKey=NOPE", "", "?writeKey="])
+@pytest.mark.parametrize("query", ["?writeKey=NOPE", "", "?writeKey=", "?writeKey=%ff", "?writeKey=WEBKEY%00"])
 def test_source_config_unknown_key_is_404(start_receiver: Callable[..., RunningReceiver], query: str) -> None:
     receiver = start_receiver(sources=SOURCES)
     response = receiver.get(f"/sourceConfig/{query}")
