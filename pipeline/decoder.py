@@ -106,7 +106,7 @@ class Decoder:
         if self._rows_hint is not None:
             limit = min(limit, self._rows_hint)
         query = (select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body,
-                        outbox.c.remote_addr, outbox.c.auth_key, outbox.c.override_key)
+                        outbox.c.remote_addr, outbox.c.auth_key, outbox.c.override_key, outbox.c.user_agent)
                  .where(outbox.c.state == "pending").order_by(outbox.c.id).limit(limit))
         if after_id is not None:
             query = query.where(outbox.c.id > after_id)

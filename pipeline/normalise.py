@@ -34,6 +34,7 @@ class StoredRequest:
     remote_addr: str | None = None
     auth_key: str | None = None
     override_key: str | None = None
+    user_agent: str | None = None
 
 
 # Not frozen: one is built per event decoded, and a frozen dataclass's __init__ (a
@@ -118,6 +119,10 @@ def normalise(message: dict[str, Any], envelope: Envelope, request: StoredReques
     context = deep_merge(batch.get("context") or {}, message.get("context") or {})
     if add_context_ip and not context.get("ip") and request.remote_addr:
         context["ip"] = request.remote_addr
+    # A pixel is fetched by the browser itself (an <img>, no SDK to fill the context in): its
+    # User-Agent is the one the event happened in.
+    if request.user_agent and not context.get("userAgent") and request.route.startswith("pixel/"):
+        context["userAgent"] = request.user_agent
     event["context"] = context
     event["integrations"] = deep_merge(batch.get("integrations") or {}, message.get("integrations") or {})
     event.update((times or Times(request.received_at_ms)).of(message, batch))

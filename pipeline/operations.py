@@ -125,7 +125,7 @@ def replay_outbox(store: Store, config: Config, destination: str, since_ms: int,
     planned, after_id = 0, 0
     while True:
         query = (select(outbox.c.id, outbox.c.received_at_ms, outbox.c.route, outbox.c.body, outbox.c.remote_addr,
-                        outbox.c.auth_key, outbox.c.override_key)
+                        outbox.c.auth_key, outbox.c.override_key, outbox.c.user_agent)
                  .where(outbox.c.id > after_id, outbox.c.state == "done", outbox.c.received_at_ms >= since_ms)
                  .order_by(outbox.c.id).limit(rows_per_transaction))
         if until_ms is not None:

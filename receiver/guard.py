@@ -30,6 +30,7 @@ TALLY_INTERVAL_SECONDS = 10.0
 @dataclass(frozen=True)
 class Refusal:
     problem: Problem
+    source: str  # the source whose rule refused it
     retry_after: int = 0  # seconds, for a 429
 
 
@@ -59,13 +60,13 @@ class BrowserGuard:
         if origin is not None and self.checks_origins:
             for name in sources:
                 if not self.cors.source_allows(self.sources.get(name), origin):
-                    return Refusal(origin_refused(origin, name))
+                    return Refusal(origin_refused(origin, name), name)
         if self.limiter.enabled:
             wait = self.limiter.admit(sources, client or "")
             if wait > 0:
                 source = next(name for name in sources if name in self.limiter.limits)
                 self.tally.add(source, route, now_ms())
-                return Refusal(rate_limited(source), retry_after=max(1, math.ceil(wait)))
+                return Refusal(rate_limited(source), source, retry_after=max(1, math.ceil(wait)))
         return None
 
     async def write_tally(self, committer: GroupCommitter) -> None:

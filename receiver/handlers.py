@@ -111,8 +111,8 @@ class RecordingHandler(ApiHandler):
 
     route: str
 
-    async def record_rejected(self, problem: Problem, raw: bytes | None) -> None:
-        await record_rejected(self.ctx, self.request, self.route, problem, raw)
+    async def record_rejected(self, problem: Problem, raw: bytes | None, source: str | None = None) -> None:
+        await record_rejected(self.ctx, self.request, self.route, problem, raw, source)
 
     async def commit_outbox(self, body: bytes, source: str, auth_key: str | None) -> bool:
         """Commit the request; answer 503 and return False if the store cannot take it."""

@@ -243,7 +243,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         if refusal is None:
             return False
         if refusal.problem.status == 403:
-            await record_rejected(self.ctx, self.request, route, refusal.problem, body)
+            await record_rejected(self.ctx, self.request, route, refusal.problem, body, refusal.source)
             headers = self.ctx.cors.refusal_headers(self.request.headers.get("Origin"))
             self.answer(403, self.error_body(refusal.problem), cors=headers)
         else:  # 429: counted by the guard, written as one row per interval

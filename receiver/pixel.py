@@ -78,7 +78,9 @@ class PixelHandler(RecordingHandler):
                                            self.route)
             if refusal is not None and refusal.problem.status == 429:
                 return self._gif()
-            problem = refusal.problem if refusal is not None else None
+            if refusal is not None:
+                await self.record_rejected(refusal.problem, body, refusal.source)
+                return self._gif()
         if problem is not None:
             await self.record_rejected(problem, body)
             return self._gif()

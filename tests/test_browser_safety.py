@@ -71,7 +71,7 @@ def test_an_unlisted_origin_is_refused_403_and_recorded(shop: RunningReceiver, o
     assert response.headers["access-control-allow-origin"] == origin
     assert shop.outbox() == []
     [row] = shop.rejected()
-    assert (row["status"], row["code"], row["route"]) == (403, "origin_not_allowed", "track")
+    assert (row["status"], row["code"], row["route"], row["source"]) == (403, "origin_not_allowed", "track", "web")
     assert origin in row["reason"] and row["raw"] == response.request.content
 
 

@@ -36,9 +36,9 @@ def ms(text: str) -> int:
 
 def stored(body: Any, route: str = "batch", *, row_id: int = 1, received_at_ms: int = RECEIVED_MS,
            remote_addr: str | None = "203.0.113.7", auth_key: str | None = None,
-           override_key: str | None = None) -> StoredRequest:
+           override_key: str | None = None, user_agent: str | None = None) -> StoredRequest:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return StoredRequest(row_id, received_at_ms, route, raw, remote_addr, auth_key, override_key)
+    return StoredRequest(row_id, received_at_ms, route, raw, remote_addr, auth_key, override_key, user_agent)
 
 
 def run(request: StoredRequest, sources: SourceRegistry = OPEN, add_context_ip: bool = True) -> Expansion:
@@ -334,6 +334,20 @@ def test_context_ip_comes_from_the_request_address_when_the_message_has_none() -
     assert kept.payload["context"] == {"ip": "192.0.2.1"}
     assert off.payload["context"] == {}
     assert unknown.payload["context"] == {}
+
+
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) Chrome/156.0"
+
+
+def test_a_pixel_event_without_a_user_agent_gets_the_requests() -> None:
+    added = only_event(stored(track(), "pixel/track", user_agent=CHROME, remote_addr=None))
+    kept = only_event(stored(track(context={"userAgent": "mine"}), "pixel/track", user_agent=CHROME, remote_addr=None))
+    # An SDK's request carries the SDK's own User-Agent (analytics-python/2.4), not the user's.
+    posted = only_event(stored(track(), "track", user_agent="analytics-python/2.4.0", remote_addr=None))
+
+    assert added.payload["context"] == {"userAgent": CHROME}
+    assert kept.payload["context"] == {"userAgent": "mine"}
+    assert posted.payload["context"] == {}
 
 
 def test_event_name_becomes_event() -> None:
