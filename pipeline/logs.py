@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s pid=%(process)d %(message)s"
 
 
+# What Tornado puts in its own log lines about a request it could not parse: the offending
+# header's whole value ("Invalid header value 'Basic S0VZOg==\x01'"), which may be a credential.
+_HEADER_VALUE = re.compile(r"(Invalid header value) .*", re.DOTALL)
+# Credentials however they got into a line: an Authorization scheme and its token.
+_CREDENTIAL = re.compile(r"\b(Basic|Bearer)\s+[^\s'\",;]+", re.IGNORECASE)
+
+
+class CredentialFilter(logging.Filter):
+    """Takes header values and credentials out of every line before it is written (our own
+    lines never carry one; Tornado's parse errors and third-party libraries may)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = _CREDENTIAL.sub(r"\1 [redacted]", _HEADER_VALUE.sub(r"\1 [not logged: it may hold a credential]",
+                                                                     message))
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(CredentialFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

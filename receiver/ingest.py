@@ -27,7 +27,7 @@ from tornado.routing import Router
 from tornado.web import Application
 
 from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Refused, judge, open_envelope
-from pipeline.messages import MESSAGE_TYPES, Problem
+from pipeline.messages import INVALID_WRITE_KEY, MESSAGE_TYPES, Problem
 from pipeline.store import StoreUnavailable
 from receiver.answers import (STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, batch_error, batch_verdicts, retry_after,
                               single_error)
@@ -258,8 +258,9 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         try:
             value = values[-1].decode("utf-8")
         except UnicodeDecodeError:
-            raise Refused(Problem("http_400", "Bad Request", f"Invalid unicode in writeKey: {values[-1][:40]!r}",
-                                  status=400, error="Bad Request")) from None
+            # Never the value: it is (or is meant to be) a write key.
+            raise Refused(Problem("invalid_write_key", INVALID_WRITE_KEY,
+                                  "the writeKey query parameter is not valid UTF-8")) from None
         return CONTROL_CHARACTERS.sub(" ", value).strip() or None
 
     async def commit(self, body: bytes, source: str, auth_key: str | None, override_key: str | None) -> bool:
