@@ -12,9 +12,7 @@ import base64
 import binascii
 from typing import Any
 
-import orjson
-
-from pipeline.envelope import Refused, parse_json
+from pipeline.envelope import TOO_DEEP, Refused, dumped, parse_json
 from pipeline.messages import Problem, validate_message
 from pipeline.sources import message_write_key
 from receiver.auth import basic_auth_username
@@ -36,18 +34,37 @@ def decode_data(data: str) -> bytes:
         raise ValueError(f"data is not base64 ({exc})") from None
 
 
+def invalid_pixel(details: str) -> Refused:
+    return Refused(Problem("invalid_pixel", "Invalid pixel data", details))
+
+
+def utf8(raw: bytes, what: str) -> str:
+    """The text of a query value; a value that is not UTF-8 is refused, never patched up."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_pixel(f"{what} is not valid UTF-8") from None
+
+
 def message_from_query(arguments: dict[str, list[bytes]]) -> dict[str, Any]:
-    """Build a message from dotted query keys: ``properties.plan=pro`` -> {"properties": {"plan": "pro"}}."""
+    """Build a message from dotted query keys: ``properties.plan=pro`` -> {"properties": {"plan": "pro"}}.
+
+    Raise :class:`Refused` for a key or value that is not UTF-8, or for keys that contradict
+    each other (``a=1`` and ``a.b=2``: one would have to be dropped)."""
     message: dict[str, Any] = {}
-    for key, values in arguments.items():
+    for latin1_key, values in arguments.items():
+        # Tornado hands query keys over decoded as Latin-1 (values stay bytes): undo that.
+        key = utf8(latin1_key.encode("latin-1"), "a query key")
         node = message
         *parents, leaf = key.split(".")
-        for part in parents:
-            child = node.get(part)
+        for depth, part in enumerate(parents):
+            child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                child = node[part] = {}
+                raise invalid_pixel(f"query keys {'.'.join(parents[:depth + 1])!r} and {key!r} contradict each other")
             node = child
-        node[leaf] = values[-1].decode("utf-8", "replace")
+        if isinstance(node.get(leaf), dict):
+            raise invalid_pixel(f"query key {key!r} and keys below it contradict each other")
+        node[leaf] = utf8(values[-1], f"the value of {key!r}")
     return message
 
 
@@ -58,8 +75,11 @@ class PixelHandler(RecordingHandler):
         self.route = f"pixel/{route_type}"
 
     async def get(self, *_: Any) -> None:
-        data = self.get_query_argument("data", None)
-        raw = data.encode("utf-8", "replace") if data is not None else self.request.query.encode("utf-8", "replace")
+        # Read by hand: get_query_argument answers a JSON 400 for a value that is not UTF-8, and
+        # an <img> must get its GIF whatever the query.
+        values = self.request.query_arguments.get("data")
+        data = values[-1] if values else None
+        raw = data if data is not None else self.request.query.encode("utf-8", "replace")
         auth_key = basic_auth_username(self.request.headers.get("Authorization"))
         try:
             body, message = self._message(data)
@@ -87,13 +107,15 @@ class PixelHandler(RecordingHandler):
         if await self.commit_outbox(body, source or "", auth_key):
             self._gif()
 
-    def _message(self, data: str | None) -> tuple[bytes, Any]:
+    def _message(self, data: bytes | None) -> tuple[bytes, Any]:
         if data is None:
             message = message_from_query(self.request.query_arguments)
-            body = orjson.dumps(message)
+            body = dumped(message)
+            if body is None:  # dotted keys nested deeper than JSON can be written
+                raise Refused(TOO_DEEP)
         else:
             try:
-                body = decode_data(data)
+                body = decode_data(utf8(data, "data"))
             except ValueError as exc:
                 raise Refused(Problem("invalid_base64", "Invalid pixel data", str(exc))) from None
             message = parse_json(body)

@@ -199,3 +199,27 @@ def test_a_pixel_gets_503_not_the_gif_when_the_store_is_down(start_receiver: Any
     assert receiver.outbox() == []
     assert_gif(receiver.get("/v1/pixel/track", params={"data": data}))
     assert len(receiver.outbox()) == 1
+
+
+@pytest.mark.parametrize(("query", "code"), [
+    ("userId=u1&event=x&" + "properties." + ".".join(["a"] * 300) + "=1", "nesting_too_deep"),
+    ("data=%ff", "invalid_pixel"),
+    ("data=e30%ff", "invalid_pixel"),
+    ("userId=%ff&event=x", "invalid_pixel"),
+    ("userId=u1&event=x&%ff=1", "invalid_pixel"),
+    ("userId=u1&event=x&properties.a=1&properties.a.b=2", "invalid_pixel"),
+    ("userId=u1&event=x&properties.a.b=2&properties.a=1", "invalid_pixel"),
+])
+def test_a_pixel_query_that_cannot_be_kept_as_sent_is_recorded_and_answered_with_the_gif(
+        receiver: RunningReceiver, query: str, code: str) -> None:
+    response = receiver.get(f"/v1/pixel/track?{query}")
+    assert_gif(response)
+    assert receiver.outbox() == []
+    assert [row["code"] for row in receiver.rejected()] == [code]
+
+
+def test_dotted_keys_and_values_in_utf8_are_kept_as_sent(receiver: RunningReceiver) -> None:
+    response = receiver.get("/v1/pixel/track?userId=%C3%A9l%C3%A8ve&event=x&properties.caf%C3%A9=cr%C3%A8me")
+    assert_gif(response)
+    [row] = receiver.outbox()
+    assert json.loads(row["body"]) == {"userId": "élève", "event": "x", "properties": {"café": "crème"}}
