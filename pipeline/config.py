@@ -290,6 +290,7 @@ def _build_sources(raw: Any) -> tuple[SourceConfig, ...]:
     return tuple(sources)
 
 
+MIN_RATE = 0.001
 _LIMIT_KEYS = {"rate_limit_per_second": float, "rate_limit_burst": int,
                "client_rate_limit_per_second": float, "client_rate_limit_burst": int}
 _SOURCE_KEYS = {"name", "write_keys", "destinations", "allowed_origins", *_LIMIT_KEYS}
@@ -307,8 +308,11 @@ def _browser_safety(where: str, table: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{where} allowed_origins: {exc}") from None
     values["allowed_origins"] = tuple(patterns)
     for scope in ("", "client_"):
-        if values.get(f"{scope}rate_limit_burst") and not values.get(f"{scope}rate_limit_per_second"):
+        rate = values.get(f"{scope}rate_limit_per_second")
+        if values.get(f"{scope}rate_limit_burst") and not rate:
             raise ConfigError(f"{where} {scope}rate_limit_burst: needs {scope}rate_limit_per_second")
+        if rate and rate < MIN_RATE:  # a token every 1000 s at most: a slower one is no rate
+            raise ConfigError(f"{where} {scope}rate_limit_per_second: must be 0 (off) or at least {MIN_RATE}")
     return values
 
 

@@ -10,6 +10,7 @@ frames. Parsed once at start-up (config), matched per request (receiver).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import NamedTuple
 
@@ -37,14 +38,37 @@ class OriginPattern(NamedTuple):
         return host == self.host
 
 
+def _host(text: str) -> str | None:
+    """A host as compared: an IPv6 address in its one compressed spelling; None if invalid."""
+    if not text.startswith("["):
+        return text
+    try:
+        return f"[{ipaddress.IPv6Address(text[1:-1]).compressed}]"
+    except ValueError:
+        return None
+
+
+def _is_ip(host: str) -> bool:
+    if host.startswith("["):
+        return True
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_origin(origin: str) -> tuple[str, str, str] | None:
     """``(scheme, host, port)`` of a serialised origin, the default port as ""; None for
     ``null`` or anything that is not an origin."""
     match = _ORIGIN.fullmatch(origin.lower()) if len(origin) <= 300 else None
     if match is None or match["wild"]:
         return None
+    host = _host(match["host"])
+    if host is None:
+        return None
     port = match["port"] or ""
-    return match["scheme"], match["host"], "" if DEFAULT_PORTS.get(match["scheme"]) == port else port
+    return match["scheme"], host, "" if DEFAULT_PORTS.get(match["scheme"]) == port else port
 
 
 def parse_pattern(text: str) -> OriginPattern:
@@ -58,9 +82,15 @@ def parse_pattern(text: str) -> OriginPattern:
     port = match["port"] or ""
     if port and not 0 < int(port) <= 65535:
         raise ValueError(f"{text!r}: port out of range")
+    host = _host(match["host"])
+    if host is None:
+        raise ValueError(f"{text!r}: not an IPv6 address")
+    wildcard = bool(match["wild"])
+    # "*.com" would take every site of a top-level domain, "*.0.0.1" an address's neighbours.
+    if wildcard and ("." not in host.strip(".") or _is_ip(host) or host.rsplit(".", 1)[-1].isdigit()):
+        raise ValueError(f"{text!r}: a wildcard needs a domain of at least two labels under it (https://*.shop.example)")
     scheme = match["scheme"]
-    return OriginPattern(scheme, match["host"], "" if DEFAULT_PORTS.get(scheme) == port else port,
-                         bool(match["wild"]))
+    return OriginPattern(scheme, host, "" if DEFAULT_PORTS.get(scheme) == port else port, wildcard)
 
 
 def origin_allowed(origin: str, patterns: tuple[OriginPattern, ...]) -> bool:

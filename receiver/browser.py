@@ -15,8 +15,10 @@ from receiver.answers import single_error
 from receiver.auth import basic_auth_username
 from receiver.bundle import Asset, BrowserBundle
 from receiver.context import ReceiverContext
-from receiver.handlers import ApiHandler
-from receiver.sdk_settings import BadHost, analytics_next_settings, public_base, rudderstack_source_config
+from receiver.cors import PUBLIC_ASSET_HEADERS
+from receiver.handlers import ApiHandler, redacted_path
+from receiver.sdk_settings import (BadHost, analytics_next_settings, public_base, rudderstack_source_config,
+                                   varies_with)
 
 SETTINGS_PATH = re.compile(r"/v1/projects/([^/]+)/settings/?")
 # Settings change when the configuration does (a restart): browsers and proxies may keep them
@@ -66,6 +68,9 @@ class SettingsHandler(SourceLookup):
             return self.answer(404, single_error(UNKNOWN_KEY))
         base = self.base_or_400()
         if base is not None:
+            vary = varies_with(self.ctx.config.receiver)
+            if vary:
+                self.add_header("Vary", vary)
             self.answer_json(analytics_next_settings(key, *base), SETTINGS_CACHE)
 
 
@@ -86,16 +91,24 @@ class SourceConfigHandler(SourceLookup):
         source = self.source_of(key)
         if key is None or source is None:
             return self.answer(404, single_error(UNKNOWN_KEY))
-        self.answer_json(rudderstack_source_config(key, source), SETTINGS_CACHE)
+        self.answer_json(rudderstack_source_config(source), SETTINGS_CACHE)
 
     def head(self) -> None:
-        self.set_header("Cache-Control", SETTINGS_CACHE)
-        self.set_status(200 if self.source_of(self.write_key()) is not None else 404)
+        found = self.source_of(self.write_key()) is not None
+        if found:
+            self.set_header("Cache-Control", SETTINGS_CACHE)
+        self.set_status(200 if found else 404)
         self.finish()
 
 
 class BundleHandler(SourceLookup):
     """``/analytics.js/v1/<writeKey>/analytics.min.js``: the standalone bundle."""
+
+    def set_default_headers(self) -> None:
+        # Public scripts: the same CORS answer for every origin (receiver/cors.py).
+        for name, value in PUBLIC_ASSET_HEADERS.items():
+            self.set_header(name, value)
+        self.set_header("Cache-Control", "no-store")
 
     def initialize(self, ctx: ReceiverContext, bundle: BrowserBundle | None = None, **_: Any) -> None:
         super().initialize(ctx)
@@ -118,23 +131,23 @@ class BundleHandler(SourceLookup):
             return
         if self.source_of(key) is None:
             return self.answer(404, single_error(UNKNOWN_KEY))
-        base = self.base_or_400()
-        if base is not None:
-            assert self.bundle is not None
-            self.send_asset(self.bundle.standalone(f"{base[0]}://{base[1]}"), BUNDLE_CACHE)
+        assert self.bundle is not None
+        self.send_asset(self.bundle.standalone(), BUNDLE_CACHE)
+
+    head = get  # Tornado answers HEAD without the body
 
     def send_asset(self, asset: Asset | None, cache: str) -> None:
         if asset is None:
-            return self.answer(404, single_error(Problem("not_found", "Not Found", f"no file {self.request.path}",
+            return self.answer(404, single_error(Problem("not_found", "Not Found", f"no file {redacted_path(self.request.path)}",
                                                          status=404, error="Not Found")))
         self.set_header("Cache-Control", cache)
         self.set_header("ETag", asset.etag)
         self.set_header("Content-Type", asset.content_type)
         self.add_header("Vary", "Accept-Encoding")
-        if asset.etag in [tag.strip() for tag in self.request.headers.get("If-None-Match", "").split(",")]:
+        if etag_matches(self.request.headers.get("If-None-Match"), asset.etag):
             self.set_status(304)
             return self.finish()
-        if "gzip" in self.request.headers.get("Accept-Encoding", ""):
+        if accepts_gzip(self.request.headers.get("Accept-Encoding")):
             self.set_header("Content-Encoding", "gzip")
             return self.finish(asset.gzipped)
         self.finish(asset.body)
@@ -153,3 +166,27 @@ class ChunkHandler(BundleHandler):
         if not self.not_served():
             assert self.bundle is not None
             self.send_asset(self.bundle.chunk(name), CHUNK_CACHE)
+
+    head = get
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """``If-None-Match`` compared weakly, as RFC 9110 says for it (a proxy that compressed the
+    answer may have made the tag weak: ``W/"..."``); ``*`` matches any."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether ``Accept-Encoding`` takes gzip (``gzip;q=0`` refuses it)."""
+    for item in (accept_encoding or "").split(","):
+        name, _, params = item.partition(";")
+        if name.strip().lower() in ("gzip", "x-gzip"):
+            quality = params.strip().lower().removeprefix("q=")
+            try:
+                return not params.strip() or float(quality) > 0
+            except ValueError:
+                return True
+    return False

@@ -10,8 +10,10 @@ them: ``<cdn>/analytics-next/bundles/``.
 The bundle finds its CDN from its own ``<script src>``, but only when that is an ``https`` URL
 (``parse-cdn.ts``); else it falls back to cdn.segment.com and, behind a firewall or a blocker,
 never loads its settings. So the served script starts with one statement that sets the
-snippet's ``analytics._cdn`` to this receiver's public origin when the page has not set it
-itself (the variable Segment documents for self-hosting). Nothing else in it is changed.
+snippet's ``analytics._cdn`` (the variable Segment documents for self-hosting), unless the page
+set it itself, to where the browser loaded this very script from: its ``src`` up to
+``/analytics.js/v1/``. Worked out in the browser, so the file is the same for every host a
+request names (nothing a client sends is written into it). Nothing else in it is changed.
 
 Each file is read once (and again if its size or mtime changes), gzip-compressed once, and
 answered with a strong ``ETag``; ``If-None-Match`` gets a ``304``.
@@ -24,16 +26,10 @@ import hashlib
 import os
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 STANDALONE = "standalone.js"
-# Assets kept: one per file and public origin (the origin comes from Host unless public_url is
-# set, and a client may send any Host: the oldest are dropped past this).
-MAX_CACHED = 64
 # The chunks analytics-next splits off: "<name>.bundle.<hash>.js" (and their source maps).
 CHUNK_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.js(?:\.map)?")
 
@@ -46,13 +42,12 @@ class Asset:
     content_type: str
 
 
-def cdn_prologue(origin: str) -> bytes:
-    """The statement put before the bundle: the snippet's ``_cdn``, unless the page set one."""
-    quoted = orjson.dumps(origin).decode()
-    return (
-        "(function(){try{var s=document.currentScript,k=(s&&s.getAttribute('data-global-segment-analytics-key'))"
-        f"||'analytics',a=window[k];if(a&&!a._cdn){{a._cdn={quoted};}}}}catch(e){{}}}})();\n"
-    ).encode()
+# The statement put before the bundle (see above). currentScript is this script while it runs.
+CDN_PROLOGUE = (
+    b"(function(){try{var s=document.currentScript,m=s&&/^(.*)\\/analytics\\.js\\/v1\\//.exec(s.src),"
+    b"a=window[(s&&s.getAttribute('data-global-segment-analytics-key'))||'analytics'];"
+    b"if(m&&a&&!a._cdn){a._cdn=m[1];}}catch(e){}})();\n"
+)
 
 
 class BrowserBundle:
@@ -60,19 +55,20 @@ class BrowserBundle:
 
     def __init__(self, directory: str) -> None:
         self.directory = Path(directory)
-        self._cache: OrderedDict[tuple[str, str], tuple[tuple[int, int], Asset]] = OrderedDict()
+        # By file name: the folder's files (a name that is no file there is never cached).
+        self._cache: dict[str, tuple[tuple[int, int], Asset]] = {}
         self._lock = threading.Lock()
 
-    def standalone(self, origin: str) -> Asset | None:
-        """analytics.min.js for a page that reaches us at ``origin``."""
-        return self._asset(STANDALONE, origin)
+    def standalone(self) -> Asset | None:
+        """analytics.min.js: the standalone bundle after the prologue."""
+        return self._asset(STANDALONE, CDN_PROLOGUE)
 
     def chunk(self, name: str) -> Asset | None:
         if not CHUNK_NAME.fullmatch(name) or name == STANDALONE:
             return None
-        return self._asset(name, "")
+        return self._asset(name, b"")
 
-    def _asset(self, name: str, origin: str) -> Asset | None:
+    def _asset(self, name: str, prologue: bytes) -> Asset | None:
         path = self.directory / name
         try:
             stat = os.stat(path)
@@ -80,19 +76,17 @@ class BrowserBundle:
             return None
         version = (stat.st_size, stat.st_mtime_ns)
         with self._lock:
-            cached = self._cache.get((name, origin))
+            cached = self._cache.get(name)
             if cached is not None and cached[0] == version:
                 return cached[1]
         try:
             content = path.read_bytes()
         except OSError:
             return None
-        body = cdn_prologue(origin) + content if origin else content
+        body = prologue + content
         kind = "application/json; charset=utf-8" if name.endswith(".map") else "text/javascript; charset=utf-8"
         asset = Asset(body=body, gzipped=gzip.compress(body, 6, mtime=0),
                       etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"', content_type=kind)
         with self._lock:
-            self._cache[name, origin] = (version, asset)
-            while len(self._cache) > MAX_CACHED:
-                self._cache.popitem(last=False)
+            self._cache[name] = (version, asset)
         return asset

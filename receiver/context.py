@@ -57,7 +57,7 @@ class ReceiverContext:
         cors = CorsPolicy(config)
         ctx = cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
                   wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors))
-        if ctx.guard.limiter.enabled:
+        if ctx.guard.counts:
             ctx.tally_task = asyncio.ensure_future(ctx.guard.run_tally(committer, ctx.stopping))
         return ctx
 

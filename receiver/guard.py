@@ -23,8 +23,15 @@ from receiver.ratelimit import RateLimiter, RefusalTally
 
 log = logging.getLogger("trackrelay.receiver")
 
+# The longest Retry-After a 429 names (the SDKs cap what they honour anyway: analytics-next 300 s).
+MAX_RETRY_AFTER = 3600
 # How often the refusals counted are written to `rejected` (one row per source and route).
 TALLY_INTERVAL_SECONDS = 10.0
+# Origin refusals recorded one by one per source and interval; the rest are counted.
+ORIGIN_ROWS_PER_INTERVAL = 20
+# The counted refusals: their status, and what the row's reason says of them.
+TALLIED = {"rate_limited": (429, "over the rate limit"),
+           "origin_not_allowed": (403, "from an origin not allowed")}
 
 
 @dataclass(frozen=True)
@@ -51,9 +58,12 @@ class BrowserGuard:
         self.sources = {s.name: s for s in config.sources}
         self.limiter = RateLimiter(config.sources)
         self.tally = RefusalTally()
+        self.origin_rows: dict[str, int] = {}
         self.checks_origins = any(s.allowed_origins for s in config.sources)
         # Off (the default): the ingest path does not even gather a request's sources.
         self.active = self.checks_origins or self.limiter.enabled
+        # The tally runs whenever something may be counted.
+        self.counts = self.active
 
     def check(self, origin: str | None, sources: Sequence[str], client: str | None, route: str) -> Refusal | None:
         """None if the request may go on; else why not. A refused request takes no tokens."""
@@ -65,26 +75,39 @@ class BrowserGuard:
             wait = self.limiter.admit(sources, client or "")
             if wait > 0:
                 source = next(name for name in sources if name in self.limiter.limits)
-                self.tally.add(source, route, now_ms())
-                return Refusal(rate_limited(source), source, retry_after=max(1, math.ceil(wait)))
+                self.tally.add(source, route, "rate_limited", now_ms())
+                return Refusal(rate_limited(source), source, retry_after=min(MAX_RETRY_AFTER, max(1, math.ceil(wait))))
         return None
 
+    def record_origin_refusal(self, source: str, route: str) -> bool:
+        """Whether to record this origin refusal as a row of its own: the first few of each
+        source per interval are (with their input); past that they are counted, so that a
+        flood with a forged Origin costs a row an interval, not a row a request."""
+        seen = self.origin_rows.get(source, 0)
+        if seen < ORIGIN_ROWS_PER_INTERVAL:
+            self.origin_rows[source] = seen + 1
+            return True
+        self.tally.add(source, route, "origin_not_allowed", now_ms())
+        return False
+
     async def write_tally(self, committer: GroupCommitter) -> None:
-        """One `rejected` row per source and route for the rate-limited requests counted."""
+        """One `rejected` row per source, route and kind for the refusals counted."""
         since, counts = self.tally.take()
+        self.origin_rows = {}
         if not counts:
             return
         until = now_ms()
-        for (source, route), count in sorted(counts.items()):
-            row = {"received_at_ms": until, "route": route, "source": source, "status": 429,
-                   "code": "rate_limited", "remote_addr": None, "raw": None,
-                   "reason": f"{count} request(s) over the rate limit of source {source!r} refused with 429 "
+        for (source, route, code), count in sorted(counts.items()):
+            status, what = TALLIED[code]
+            row = {"received_at_ms": until, "route": route, "source": source, "status": status, "code": code,
+                   "remote_addr": None, "raw": None,
+                   "reason": f"{count} request(s) {what} of source {source!r} refused with {status} "
                              f"in the {(until - (since or until)) / 1000:.1f} s before this row"}
-            log.warning("event=rate_limited source=%s route=%s refused=%d", source, route, count)
+            log.warning("event=%s source=%s route=%s refused=%d", code, source, route, count)
             try:
                 await committer.commit("rejected", row)
             except StoreUnavailable as exc:
-                log.warning("event=rejected_not_recorded code=rate_limited count=%d error=%r", count, str(exc))
+                log.warning("event=rejected_not_recorded code=%s count=%d error=%r", code, count, str(exc))
 
     async def run_tally(self, committer: GroupCommitter, stop: asyncio.Event) -> None:
         """Write the tally every interval until ``stop``, then once more."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -20,6 +21,13 @@ log = logging.getLogger("trackrelay.receiver")
 
 # The paths browsers call cross-origin, whose answers carry CORS headers.
 BROWSER_PATHS = ("/v1/", "/sourceConfig", "/analytics.js/", "/analytics-next/")
+# Paths that carry a write key (the SDK settings and the bundle): never echoed or logged whole.
+_KEY_IN_PATH = re.compile(r"^(/v1/projects/|/analytics\.js/v1/)[^/]*")
+
+
+def redacted_path(path: str) -> str:
+    """``path`` as it may be shown: a write key in it replaced by ``<writeKey>``."""
+    return _KEY_IN_PATH.sub(r"\1<writeKey>", path)
 
 
 
@@ -73,12 +81,13 @@ class ApiHandler(RequestHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if value is not None and getattr(value, "status_code", 500) < 500:
             return  # a client error, answered; not ours to log
-        log.error("event=handler_error path=%s error=%r", self.request.path, str(value), exc_info=(typ, value, tb))
+        log.error("event=handler_error path=%s error=%r", redacted_path(self.request.path), str(value),
+                  exc_info=(typ, value, tb))
 
 
 class NotFoundHandler(ApiHandler):
     def prepare(self) -> None:
-        self.answer(404, single_error(Problem("not_found", "Not Found", f"no route {self.request.path}",
+        self.answer(404, single_error(Problem("not_found", "Not Found", f"no route {redacted_path(self.request.path)}",
                                               status=404, error="Not Found")))
 
 

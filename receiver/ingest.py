@@ -17,6 +17,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -243,7 +244,8 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         if refusal is None:
             return False
         if refusal.problem.status == 403:
-            await record_rejected(self.ctx, self.request, route, refusal.problem, body, refusal.source)
+            if self.ctx.guard.record_origin_refusal(refusal.source, route):
+                await record_rejected(self.ctx, self.request, route, refusal.problem, body, refusal.source)
             headers = self.ctx.cors.refusal_headers(self.request.headers.get("Origin"))
             self.answer(403, self.error_body(refusal.problem), cors=headers)
         else:  # 429: counted by the guard, written as one row per interval
@@ -288,7 +290,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
 
     # -- the answer ---------------------------------------------------------------------------
 
-    def answer(self, status: int, body: dict[str, Any], closing: bool = False, cors: dict[str, str] | None = None,
+    def answer(self, status: int, body: dict[str, Any], closing: bool = False, cors: Mapping[str, str] | None = None,
                retry_after_seconds: int = 0) -> None:
         if self.answered:
             return

@@ -16,6 +16,7 @@ from pipeline.envelope import TOO_DEEP, Refused, dumped, parse_json
 from pipeline.messages import Problem, validate_message
 from pipeline.sources import message_write_key
 from receiver.auth import basic_auth_username
+from receiver.answers import single_error
 from receiver.body import TOO_LARGE
 from receiver.context import ReceiverContext
 from receiver.handlers import RecordingHandler
@@ -93,13 +94,16 @@ class PixelHandler(RecordingHandler):
             if source is None:
                 problem = Problem("invalid_write_key", "Invalid or missing writekey")
         if problem is None and self.ctx.guard.active:
-            # An <img> cannot read an error: a refusal is recorded (a 403) or counted (a 429).
             refusal = self.ctx.guard.check(self.request.headers.get("Origin"), [source or ""], self.request.remote_ip,
                                            self.route)
             if refusal is not None and refusal.problem.status == 429:
-                return self._gif()
-            if refusal is not None:
-                await self.record_rejected(refusal.problem, body, refusal.source)
+                # Not the GIF: a 200 would say the event is stored. Like a 503, this is "not
+                # now", and the page (or its pixel library) may send it again later.
+                self.set_header("Retry-After", str(refusal.retry_after))
+                return self.answer(429, single_error(refusal.problem))
+            if refusal is not None:  # bad input for this source: recorded (or counted), and the GIF
+                if self.ctx.guard.record_origin_refusal(refusal.source, self.route):
+                    await self.record_rejected(refusal.problem, body, refusal.source)
                 return self._gif()
         if problem is not None:
             await self.record_rejected(problem, body)

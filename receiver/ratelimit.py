@@ -1,7 +1,8 @@
 """Per-source request rate limits (token buckets), and the tally of what they refused.
 
 Each source may limit requests a second for the whole source (``rate_limit_per_second``,
-``rate_limit_burst``) and for each client address using it (``client_rate_limit_...``), as
+``rate_limit_burst``) and for each client address using it (``client_rate_limit_...``; IPv6
+clients by their /64), as
 nginx's ``limit_req`` does: a request takes one token; an empty bucket answers ``429`` with
 ``Retry-After`` (when the next token is due, whole seconds). Buckets live in this process's
 memory: each receiver process limits on its own, so with ``--processes N`` a source may get up
@@ -14,6 +15,7 @@ request, the very load the limit is there to stop): :class:`RefusalTally` writes
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -43,6 +45,17 @@ class TokenBucket:
         self.tokens -= 1
 
 
+def client_key(address: str) -> str:
+    """Whose bucket a client address fills: an IPv6 client by its /64, the block one site or
+    line is given, so that rotating addresses inside it does not make a new client each time."""
+    if ":" not in address:
+        return address
+    try:
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False).network_address)
+    except ValueError:
+        return address
+
+
 class SourceLimits:
     """The buckets of one source: its own, and one per client address."""
 
@@ -58,6 +71,7 @@ class SourceLimits:
                 self.whole = TokenBucket(self.source.rate_limit_per_second, self.source.rate_limit_burst, now)
             found.append(self.whole)
         if self.source.client_rate_limit_per_second:
+            client = client_key(client)
             bucket = self.clients.get(client)
             if bucket is None:
                 bucket = self.clients[client] = TokenBucket(self.source.client_rate_limit_per_second,
@@ -95,18 +109,19 @@ class RateLimiter:
 
 
 class RefusalTally:
-    """Refused requests counted per (source, code), written out as one row each interval."""
+    """Refused requests counted per (source, route, code), written out as one row each interval."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], int] = {}
+        self.counts: dict[tuple[str, str, str], int] = {}
         self.since_ms: int | None = None
 
-    def add(self, source: str, code: str, now_ms: int) -> None:
+    def add(self, source: str, route: str, code: str, now_ms: int) -> None:
         if self.since_ms is None:
             self.since_ms = now_ms
-        self.counts[source, code] = self.counts.get((source, code), 0) + 1
+        key = (source, route, code)
+        self.counts[key] = self.counts.get(key, 0) + 1
 
-    def take(self) -> tuple[int | None, dict[tuple[str, str], int]]:
+    def take(self) -> tuple[int | None, dict[tuple[str, str, str], int]]:
         """What was counted since when, and start again."""
         since, counts = self.since_ms, self.counts
         self.since_ms, self.counts = None, {}

@@ -45,11 +45,21 @@ def public_base(request: HTTPServerRequest, receiver: ReceiverConfig) -> tuple[s
         return parts.scheme, parts.netloc + parts.path.rstrip("/")
     host = request.headers.get("Host", "")
     if receiver.trust_forwarded_headers:
-        host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+        # The last value: the one our proxy added (a client may send its own before it), as
+        # Tornado takes X-Forwarded-For and X-Forwarded-Proto.
+        host = request.headers.get("X-Forwarded-Host", host).split(",")[-1].strip()
     if not _HOST.fullmatch(host):
         raise BadHost(f"cannot tell the public address from Host {host[:100]!r}: set [receiver] public_url")
     scheme = request.protocol if request.protocol in ("http", "https") else "http"
     return scheme, host
+
+
+def varies_with(receiver: ReceiverConfig) -> str | None:
+    """The request headers an answer built from :func:`public_base` depends on (for ``Vary``,
+    so that no cache hands one Host's answer to another); None with ``public_url``."""
+    if receiver.public_url:
+        return None
+    return "Host, X-Forwarded-Host, X-Forwarded-Proto" if receiver.trust_forwarded_headers else "Host"
 
 
 def analytics_next_settings(write_key: str, scheme: str, base: str) -> dict[str, Any]:
@@ -57,6 +67,8 @@ def analytics_next_settings(write_key: str, scheme: str, base: str) -> dict[str,
     return {
         "integrations": {
             "Segment.io": {
+                # The one place a key is answered: analytics-next sends it as every event's
+                # writeKey from here (plugins/segmentio/normalize.ts), and the caller named it.
                 "apiKey": write_key,
                 "apiHost": f"{base}/v1",
                 "protocol": scheme,
@@ -82,14 +94,14 @@ def analytics_next_settings(write_key: str, scheme: str, base: str) -> dict[str,
     }
 
 
-def rudderstack_source_config(write_key: str, source: str) -> dict[str, Any]:
-    """The ``/sourceConfig`` answer RudderStack's SDK loads, for the source of ``write_key``."""
+def rudderstack_source_config(source: str) -> dict[str, Any]:
+    """The ``/sourceConfig`` answer RudderStack's SDK loads, for ``source``. (Not the key: the SDK
+    does not read it back, and a key goes nowhere it is not needed.)"""
     return {
         "isHosted": False,
         "source": {
             "id": source,
             "name": source,
-            "writeKey": write_key,
             "workspaceId": "trackrelay",
             "enabled": True,
             "config": {"statsCollection": {"errors": {"enabled": False}, "metrics": {"enabled": False}}},

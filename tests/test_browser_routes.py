@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import RunningReceiver
+from receiver.bundle import CDN_PROLOGUE
 
 SOURCES = {"website": ["WEBKEY"]}
 
@@ -97,7 +98,9 @@ def test_source_config_for_rudderstack(start_receiver: Callable[..., RunningRece
 
 def test_source_config_takes_the_key_from_basic_auth(start_receiver: Callable[..., RunningReceiver]) -> None:
     receiver = start_receiver(sources=SOURCES)
-    assert receiver.get("/sourceConfig/", headers=basic("WEBKEY")).json()["source"]["writeKey"] == "WEBKEY"
+    response = receiver.get("/sourceConfig/", headers=basic("WEBKEY"))
+    assert response.json()["source"]["id"] == "website"
+    assert "WEBKEY" not in response.text  # the SDK does not read it back: not answered
 
 
 @pytest.mark.parametrize("query", ["?writeKey=NOPE", "", "?writeKey=", "?writeKey=%ff", "?writeKey=WEBKEY%00"])
@@ -151,8 +154,8 @@ def test_bundle_is_served_at_segments_path_with_the_cdn_set(bundled: RunningRece
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/javascript; charset=utf-8"
     assert response.content.endswith(STANDALONE)
-    prologue = response.content[:-len(STANDALONE)].decode()
-    assert f'a._cdn="http://127.0.0.1:{bundled.port}"' in prologue and "if(a&&!a._cdn)" in prologue
+    prologue = response.content[:-len(STANDALONE)]
+    assert prologue == CDN_PROLOGUE  # the CDN is worked out in the browser, from the script's own src
     assert response.headers["cache-control"] == "public, max-age=300"
     assert response.headers["etag"].startswith('"')
 
@@ -193,8 +196,73 @@ def test_bundle_not_configured_says_how(receiver: RunningReceiver) -> None:
     assert response.status_code == 404 and "browser_sdk_dir" in response.json()["Details"]
 
 
-def test_bundle_prologue_quotes_the_origin_as_json(start_receiver: Callable[..., RunningReceiver],
-                                                   sdk_dir: Path) -> None:
-    receiver = start_receiver(browser_sdk_dir=str(sdk_dir), public_url="https://t.example/a")
-    body = receiver.get("/analytics.js/v1/k/analytics.min.js").content
-    assert b'a._cdn="https://t.example/a"' in body
+def test_bundle_is_the_same_whatever_host_the_request_names(bundled: RunningReceiver) -> None:
+    path = "/analytics.js/v1/WEBKEY/analytics.min.js"
+    answers = [bundled.get(path, headers={"Host": host}) for host in ("a.example", "b.example:81", "evil.example")]
+    assert len({a.content for a in answers}) == 1 and len({a.headers["etag"] for a in answers}) == 1
+    assert b"evil.example" not in answers[-1].content
+
+
+def test_bundle_and_chunks_are_public_scripts_without_vary_origin(
+        start_receiver: Callable[..., RunningReceiver], sdk_dir: Path) -> None:
+    receiver = start_receiver(sources=SOURCES, browser_sdk_dir=str(sdk_dir), cors_origins=("https://shop.example",))
+    for path in ("/analytics.js/v1/WEBKEY/analytics.min.js", f"/analytics-next/bundles/{CHUNK}"):
+        response = receiver.get(path, headers={"Origin": "https://elsewhere.example"})
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert "Origin" not in response.headers.get("vary", "")
+
+
+def test_head_on_the_bundle_and_a_chunk(bundled: RunningReceiver) -> None:
+    for path in ("/analytics.js/v1/WEBKEY/analytics.min.js", f"/analytics-next/bundles/{CHUNK}"):
+        response = bundled.client.head(path)
+        assert (response.status_code, response.content) == (200, b"") and response.headers["etag"]
+
+
+@pytest.mark.parametrize(("if_none_match", "status"), [("W/{etag}", 304), ("*", 304), ('"other", {etag}', 304),
+                                                       ('"other"', 200)])
+def test_bundle_etag_is_compared_weakly(bundled: RunningReceiver, if_none_match: str, status: int) -> None:
+    path = "/analytics.js/v1/WEBKEY/analytics.min.js"
+    etag = bundled.get(path).headers["etag"]
+    assert bundled.get(path, headers={"If-None-Match": if_none_match.format(etag=etag)}).status_code == status
+
+
+@pytest.mark.parametrize(("accept", "gzipped"), [("gzip", True), ("br, gzip;q=0.5", True), ("gzip;q=0", False),
+                                                 ("identity", False), ("GZIP", True)])
+def test_bundle_gzip_follows_accept_encoding(bundled: RunningReceiver, accept: str, gzipped: bool) -> None:
+    response = bundled.get("/analytics.js/v1/WEBKEY/analytics.min.js", headers={"Accept-Encoding": accept})
+    assert (response.headers.get("content-encoding") == "gzip") is gzipped
+
+
+@pytest.mark.parametrize("path", ["/v1/projects/WEBKEY", "/v1/projects/WEBKEY/settings/x",
+                                  "/analytics.js/v1/WEBKEY/analytics.js"])
+def test_a_path_near_a_key_route_does_not_echo_the_key(bundled: RunningReceiver, path: str) -> None:
+    response = bundled.get(path)
+    assert response.status_code == 404 and "WEBKEY" not in response.text
+    assert "<writeKey>" in response.json()["Details"]
+
+
+def test_a_missing_bundle_file_does_not_echo_the_key(bundled: RunningReceiver, sdk_dir: Path) -> None:
+    (sdk_dir / "standalone.js").unlink()
+    response = bundled.get("/analytics.js/v1/WEBKEY/analytics.min.js")
+    assert response.status_code == 404 and "WEBKEY" not in response.text
+
+
+def test_settings_vary_with_the_host_unless_public_url_is_set(start_receiver: Callable[..., RunningReceiver]) -> None:
+    assert start_receiver().get("/v1/projects/k/settings").headers["vary"] == "Host"
+    trusting = start_receiver(trust_forwarded_headers=True)
+    assert trusting.get("/v1/projects/k/settings").headers["vary"] == "Host, X-Forwarded-Host, X-Forwarded-Proto"
+    assert "vary" not in start_receiver(public_url="https://t.example").get("/v1/projects/k/settings").headers
+
+
+def test_the_last_forwarded_host_is_the_proxys(start_receiver: Callable[..., RunningReceiver]) -> None:
+    receiver = start_receiver(trust_forwarded_headers=True)
+    response = receiver.get("/v1/projects/k/settings", headers={"X-Forwarded-Host": "evil.example, track.shop.example"})
+    assert response.json()["integrations"]["Segment.io"]["apiHost"] == "track.shop.example/v1"
+
+
+def test_settings_follow_their_sources_allowed_origins(start_receiver: Callable[..., RunningReceiver]) -> None:
+    receiver = start_receiver(cors_origins=("https://shop.example",))
+    listed = receiver.get("/v1/projects/k/settings", headers={"Origin": "https://shop.example"})
+    other = receiver.get("/v1/projects/k/settings", headers={"Origin": "https://evil.example"})
+    assert listed.headers["access-control-allow-origin"] == "https://shop.example"
+    assert "access-control-allow-origin" not in other.headers and "Origin" in other.headers["vary"]

@@ -69,6 +69,7 @@ def test_an_unlisted_origin_is_refused_403_and_recorded(shop: RunningReceiver, o
     assert response.json()["code"] == "origin_not_allowed" and "WEB" not in response.text
     # Readable by the page, so its SDK sees a final 4xx rather than a network error to retry.
     assert response.headers["access-control-allow-origin"] == origin
+    assert "access-control-allow-credentials" not in response.headers
     assert shop.outbox() == []
     [row] = shop.rejected()
     assert (row["status"], row["code"], row["route"], row["source"]) == (403, "origin_not_allowed", "track", "web")
@@ -87,6 +88,13 @@ def test_a_source_without_a_list_takes_any_origin(shop: RunningReceiver) -> None
     response = shop.post("/v1/track", TRACK, headers={**basic("SRV"), "Origin": "https://evil.example"})
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "https://evil.example"
+    # Echoed because the source takes every origin, not because a list names it: no credentials.
+    assert "access-control-allow-credentials" not in response.headers
+    preflight = shop.client.options("/v1/track", headers={"Origin": "https://evil.example"})
+    assert preflight.headers["access-control-allow-origin"] == "https://evil.example"
+    assert "access-control-allow-credentials" not in preflight.headers
+    listed = shop.client.options("/v1/track", headers={"Origin": SHOP})
+    assert listed.headers["access-control-allow-credentials"] == "true"
 
 
 def test_a_preflight_allows_only_listed_origins_when_every_source_lists_them(
@@ -164,3 +172,29 @@ def test_other_sources_are_not_limited(start_with_sources: Callable[..., Running
     assert receiver.post("/v1/t", TRACK, headers=basic("WEB")).status_code == 200
     assert receiver.post("/v1/t", TRACK, headers=basic("WEB")).status_code == 429
     assert [receiver.post("/v1/t", TRACK, headers=basic("SRV")).status_code for _ in range(5)] == [200] * 5
+
+
+def test_a_rate_limited_pixel_is_answered_429_not_the_gif(start_with_sources: Callable[..., RunningReceiver]) -> None:
+    receiver = start_with_sources(source("web", "WEB", rate_limit_per_second=0.5, rate_limit_burst=1))
+    params = {**TRACK, "writeKey": "WEB"}
+    first, second = (receiver.get("/v1/pixel/track", params=params) for _ in range(2))
+    assert (first.status_code, first.headers["content-type"]) == (200, "image/gif")
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    assert second.json()["code"] == "rate_limited"
+    assert len(receiver.outbox()) == 1  # every 200 is a stored event
+
+
+def test_a_flood_of_forged_origins_costs_a_row_an_interval_past_the_first_few(shop: RunningReceiver) -> None:
+    from receiver.guard import ORIGIN_ROWS_PER_INTERVAL
+
+    refused = ORIGIN_ROWS_PER_INTERVAL + 5
+    for _ in range(refused):
+        response = shop.post("/v1/t", TRACK, headers={**basic("WEB"), "Origin": "https://evil.example"})
+        assert response.status_code == 403
+    assert len(shop.rejected()) == ORIGIN_ROWS_PER_INTERVAL
+    shop.stop()
+    rows = _rows_after_stop(shop)
+    [counted] = [row for row in rows if row["raw"] is None]
+    assert (counted["code"], counted["status"], counted["source"]) == ("origin_not_allowed", 403, "web")
+    assert counted["reason"].startswith("5 request(s) from an origin not allowed")
+    assert len(rows) == ORIGIN_ROWS_PER_INTERVAL + 1

@@ -185,6 +185,8 @@ ERRORS = {
                         None, "[[sources]] web allowed_origins: expected a list of strings, got str"),
     "negative_rate": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nrate_limit_per_second = -1\n', None,
                       "[[sources]] web rate_limit_per_second: must not be negative"),
+    "tiny_rate": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nrate_limit_per_second = 5e-324\n', None,
+                  "[[sources]] web rate_limit_per_second: must be 0 (off) or at least 0.001"),
     "burst_without_rate": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nclient_rate_limit_burst = 5\n', None,
                            "[[sources]] web client_rate_limit_burst: needs client_rate_limit_per_second"),
     "fractional_burst": ('[[sources]]\nname = "web"\nwrite_keys = ["k"]\nrate_limit_per_second = 1\n'

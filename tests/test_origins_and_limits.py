@@ -29,6 +29,8 @@ from receiver.ratelimit import MAX_CLIENT_BUCKETS, RateLimiter, TokenBucket
     ("http://127.0.0.1:8000", "http://127.0.0.1:8000", True),
     ("http://127.0.0.1:8000", "http://127.0.0.1:8001", False),
     ("http://[::1]:8000", "http://[::1]:8000", True),
+    ("http://[0:0:0:0:0:0:0:1]:8000", "http://[::1]:8000", True),
+    ("http://[::1]:8000", "http://[0::1]:8000", True),
     ("null", "null", True),
     ("http://null", "null", False),
     ("https://shop.example", "null", False),
@@ -40,7 +42,8 @@ def test_origin_patterns(pattern: str, origin: str, expected: bool) -> None:
 
 
 @pytest.mark.parametrize("text", ["shop.example", "https://shop.example/", "https://a.example/x", "*",
-                                  "https://*", "https://sh*p.example", "https://x.example:0", "https://a b"])
+                                  "https://*", "https://sh*p.example", "https://x.example:0", "https://a b",
+                                  "https://*.com", "https://*.0.0.1", "https://*.[::1]", "http://[zz::1]"])
 def test_patterns_that_are_not_origins_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_pattern(text)
@@ -129,3 +132,22 @@ def test_unknown_sources_follow_the_union_unless_a_source_takes_every_origin() -
     assert not policy(listed).allows("https://c.example")
     assert policy(listed, SourceConfig("server", ("s",))).allows("https://c.example")
     assert not policy(listed, SourceConfig("server", ("s",))).allows("https://c.example", ["web"])
+
+
+def test_ipv6_clients_share_a_bucket_per_64() -> None:
+    from receiver.ratelimit import client_key
+
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:ffff:1:2:3") == "2001:db8:1:2::"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("198.51.100.7") == "198.51.100.7" and client_key("not:an:address:x") == "not:an:address:x"
+
+
+def test_retry_after_is_capped() -> None:
+    from receiver.guard import MAX_RETRY_AFTER, BrowserGuard
+
+    web = SourceConfig("web", ("k",), rate_limit_per_second=1e-6, rate_limit_burst=1)  # below what config takes
+    config = Config(sources=(web,))
+    guard = BrowserGuard(config, CorsPolicy(config))
+    assert guard.check(None, ["web"], "a", "track") is None
+    refusal = guard.check(None, ["web"], "a", "track")
+    assert refusal is not None and refusal.retry_after == MAX_RETRY_AFTER
