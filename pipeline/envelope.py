@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from pipeline import exactjson
 from pipeline.messages import INVALID_WRITE_KEY, Problem, check_object, check_timestamp, validate_message
 from pipeline.sources import message_write_key
 
@@ -77,7 +78,7 @@ def writable(value: Any) -> bool:
 
 def parse_json(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
+        return exactjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise Refused(Problem("invalid_json", "Invalid JSON", str(exc)[:300])) from None
 

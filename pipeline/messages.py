@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.exactjson import is_exact_number
+
 MESSAGE_TYPES = ("identify", "track", "page", "screen", "group", "alias")
 TIMESTAMP_FIELDS = ("timestamp", "sentAt", "originalTimestamp")
 OBJECT_FIELDS = ("context", "integrations", "properties", "traits")
@@ -36,6 +38,15 @@ def present(value: Any) -> bool:
 def _is_id(value: Any) -> bool:
     # A non-empty string or a number, kept as sent. bool is an int in Python; not an id.
     return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _not_an_id(key: str, value: Any) -> str:
+    """Why ``value`` is not an id (the details of its 400)."""
+    if is_exact_number(value):
+        # Kept as its digits in properties (pipeline/exactjson.py); an id must also be
+        # compared, stored in columns and deduplicated, so it is refused rather than changed.
+        return f"{key} is a number too large to keep exactly (beyond 64 bits): send it as a string"
+    return f"{key} must be a string or a number"
 
 
 def parse_timestamp(value: str) -> datetime:
@@ -163,14 +174,13 @@ def _check_identity(message: dict[str, Any], kind: str) -> Problem | None:
     for key in ("userId", "anonymousId"):
         value = message.get(key)
         if value.__class__ is not str and present(value) and not _is_id(value):
-            return Problem("invalid_user_id", f"Invalid {key}", f"{key} must be a string or a number")
+            return Problem("invalid_user_id", f"Invalid {key}", _not_an_id(key, value))
     if kind == "alias":
         previous = message.get("previousId")
         if not present(previous):
             return Problem("missing_previous_id", "Missing previousId", "alias needs previousId")
         if not _is_id(previous):
-            return Problem("invalid_previous_id", "Invalid previousId",
-                           "previousId must be a string or a number")
+            return Problem("invalid_previous_id", "Invalid previousId", _not_an_id("previousId", previous))
     if not (present(message.get("userId")) or present(message.get("anonymousId"))):
         return Problem("missing_user_id", "Missing userId or anonymousId",
                        "a userId or an anonymousId is required")
@@ -187,7 +197,7 @@ def _check_identity(message: dict[str, Any], kind: str) -> Problem | None:
         if not present(group_id):
             return Problem("missing_group_id", "Missing groupId", "group needs a groupId")
         if not _is_id(group_id):
-            return Problem("invalid_group_id", "Invalid groupId", "groupId must be a string or a number")
+            return Problem("invalid_group_id", "Invalid groupId", _not_an_id("groupId", group_id))
     return None
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import orjson
 from sqlalchemy import ColumnElement, and_, bindparam, update
 
+from pipeline import exactjson
 from pipeline.retry import DEAD, DELIVERED, Decision
 from pipeline.schema import deliveries
 from pipeline.store import Store, now_ms
@@ -178,7 +179,7 @@ class DeliveryQueue:
                 if rows:
                     conn.exec_driver_sql(_SQLITE_LEASE, (until, until, lease, now,
                                                          orjson.dumps([r[0] for r in rows])))
-        loads = orjson.loads
+        loads = exactjson.loads  # the stored payload keeps numbers no double holds as their digits
         return [Claimed(r[0], r[1] + 1, r[2], loads(r[3]), lease) for r in rows]
 
     def _claim_postgres(self, destination: str, limit: int, now: int, until: int, lease: str) -> list[Any]:
