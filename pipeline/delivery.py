@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from pipeline.config import DestinationConfig
 from pipeline.destinations.base import Destination, Event, Outcome, retry
+from pipeline.logs import Throttled
 from pipeline.queue import Claimed, DeliveryQueue
 from pipeline.retry import DEAD, BackoffPolicy
 from pipeline.store import now_ms, short_error
@@ -24,6 +25,8 @@ class DestinationRunner:
         self.queue = queue
         self.policy = BackoffPolicy.for_destination(config)
         self.lease_ms = int(lease_seconds * 1000)
+        # Lines that come once per lane or per event when the destination is in trouble.
+        self.throttled = Throttled(log)
 
     @property
     def lanes(self) -> int:
@@ -55,8 +58,10 @@ class DestinationRunner:
 
         counts = await asyncio.gather(*(lane() for _ in range(self.lanes)))
         if errors:
-            for other in errors[1:]:  # the first one is the job's error, logged by the worker
-                log.warning("event=lane_failed destination=%s error=%r", self.config.name, short_error(other))
+            if len(errors) > 1:  # the first one is the job's error, logged by the worker
+                others = list(dict.fromkeys(short_error(other) for other in errors[1:]))
+                self.throttled.warning("lane_failed", "event=lane_failed destination=%s lanes=%d errors=%r",
+                                       self.config.name, len(errors) - 1, others[:5])
             raise errors[0]
         return sum(counts)
 
@@ -74,8 +79,10 @@ class DestinationRunner:
             await asyncio.to_thread(self.queue.record, claimed[0].lease, decisions)
             dead = [(c, d) for c, (_, d) in zip(claimed, decisions) if d.state == DEAD]
             for item, decision in dead[:5]:
-                log.warning("event=delivery_dead destination=%s message_id=%s attempts=%d error=%r",
-                            self.config.name, item.event.get("messageId"), item.attempts, (decision.error or "")[:200])
+                self.throttled.warning("delivery_dead",
+                                  "event=delivery_dead destination=%s message_id=%s attempts=%d error=%r",
+                                  self.config.name, item.event.get("messageId"), item.attempts,
+                                  (decision.error or "")[:200])
             tried += len(claimed)
         return tried
 

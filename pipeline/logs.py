@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
+from collections.abc import Callable
 
 FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s pid=%(process)d %(message)s"
 
@@ -40,3 +42,32 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     # Alembic narrates every revision check; `trackrelay migrate` logs what it changed itself.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class Throttled:
+    """A warning that can repeat many times a second (one per 503 during an outage, one per
+    failed lane) logged at most once per ``interval`` for each kind, the line saying how many
+    were folded into it (``folded=N``: the ones left out since the last line of that kind)."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.interval, self.clock = logger, interval, clock
+        self._kinds: dict[str, list[float | int]] = {}  # kind -> [last logged at, folded since]
+
+    def warning(self, kind: str, message: str, *args: object) -> bool:
+        """Log ``message % args`` unless a line of ``kind`` went out within the interval;
+        return whether it was logged."""
+        now = self.clock()
+        state = self._kinds.get(kind)
+        if state is not None and now - state[0] < self.interval:
+            state[1] += 1
+            return False
+        folded = int(state[1]) if state is not None else 0
+        if len(self._kinds) > 10_000:  # kinds carry a destination or route name: bounded anyway
+            self._kinds.clear()
+        self._kinds[kind] = [now, 0]
+        if folded:
+            self.logger.warning(message + " folded=%d", *args, folded)
+        else:
+            self.logger.warning(message, *args)
+        return True

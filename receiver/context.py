@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.logs import Throttled
 from pipeline.sources import SourceRegistry
 from pipeline.store import Store
 from pipeline.wakeup import SqliteSignal, outbox_signal
@@ -45,6 +47,8 @@ class ReceiverContext:
     # Set at shutdown: the rate-limit tally writes what it counted and ends.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tally_task: asyncio.Task[None] | None = None
+    # During an outage every request fails the same way: a line a second, not a line a request.
+    throttled: Throttled = field(default_factory=lambda: Throttled(logging.getLogger("trackrelay.receiver")))
 
     @classmethod
     def create(cls, config: Config, store: Store) -> ReceiverContext:

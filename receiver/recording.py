@@ -29,7 +29,8 @@ async def record_rejected(ctx: ReceiverContext, request: HTTPServerRequest, rout
     try:
         await ctx.committer.commit("rejected", row)
     except StoreUnavailable as exc:
-        log.warning("event=rejected_not_recorded code=%s error=%r", problem.code, str(exc))
+        ctx.throttled.warning("rejected_not_recorded", "event=rejected_not_recorded code=%s error=%r", problem.code,
+                          str(exc))
 
 
 async def commit_request(ctx: ReceiverContext, request: HTTPServerRequest, route: str, body: bytes, source: str,
@@ -44,5 +45,5 @@ async def commit_request(ctx: ReceiverContext, request: HTTPServerRequest, route
     try:
         await ctx.committer.commit("outbox", row)
     except StoreUnavailable as exc:
-        log.warning("event=store_unavailable route=%s error=%r", route, str(exc))
+        ctx.throttled.warning("store_unavailable", "event=store_unavailable route=%s error=%r", route, str(exc))
         raise
