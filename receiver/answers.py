@@ -30,6 +30,13 @@ STORE_UNAVAILABLE = Problem("store_unavailable", "Service unavailable",
                             status=503, error="Service Unavailable")
 
 
+# The database refused the request's row itself (a value it cannot hold), alone in its
+# transaction: final, so that the client stops resending it. The database's words are in the
+# log, not here (they may quote the row).
+STORE_REFUSED = Problem("store_refused", "Request refused by the store",
+                        "the database refused to store this request; resending it will not help")
+
+
 def single_error(problem: Problem) -> dict[str, Any]:
     return {"Error": problem.error, "Message": problem.message, "Details": problem.details,
             "code": problem.code, "message": problem.message}

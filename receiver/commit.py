@@ -59,7 +59,8 @@ class GroupCommitter:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trackrelay-commit")
 
     async def commit(self, table: str, row: Row) -> None:
-        """Return once ``row`` is committed; raise StoreUnavailable if it could not be.
+        """Return once ``row`` is committed; raise StoreUnavailable if it could not be now,
+        RowRefused if the database refuses this row itself (even alone in its transaction).
 
         Waiting is bounded: a commit that hangs becomes a 503 for everyone waiting on it after
         ``timeout`` seconds (see :meth:`_stalled`).
@@ -121,8 +122,10 @@ class GroupCommitter:
             return [exc] * len(group)
         except RowRefused as exc:
             if len(group) == 1:
+                # Its own fault, not an outage: the request is answered with a final error (a
+                # 503 would have its client resend it forever).
                 log.error("event=row_refused table=%s error=%r", group[0].table, str(exc))
-                return [StoreUnavailable(f"row refused: {exc}")]
+                return [exc]
         # One poison row must not fail the requests it happened to share a commit with.
         return [outcome for pending in group for outcome in self._write([pending])]
 

@@ -12,8 +12,9 @@ import orjson
 from tornado.web import HTTPError, RequestHandler
 
 from pipeline.messages import Problem
-from pipeline.store import StoreUnavailable
-from receiver.answers import STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, retry_after, single_error
+from pipeline.store import RowRefused, StoreUnavailable
+from receiver.answers import (STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, retry_after,
+                              single_error)
 from receiver.context import ReceiverContext
 from receiver.recording import commit_request, record_rejected
 
@@ -129,5 +130,8 @@ class RecordingHandler(ApiHandler):
             await commit_request(self.ctx, self.request, self.route, body, source, auth_key)
         except StoreUnavailable:
             self.answer(503, single_error(STORE_UNAVAILABLE))
+            return False
+        except RowRefused:
+            self.answer(STORE_REFUSED.status, single_error(STORE_REFUSED))
             return False
         return True

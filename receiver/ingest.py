@@ -29,9 +29,9 @@ from tornado.web import Application
 
 from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Refused, judge, open_envelope
 from pipeline.messages import INVALID_WRITE_KEY, MESSAGE_TYPES, Problem
-from pipeline.store import StoreUnavailable
-from receiver.answers import (STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, batch_error, batch_verdicts, retry_after,
-                              single_error)
+from pipeline.store import RowRefused, StoreUnavailable
+from receiver.answers import (STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, batch_error, batch_verdicts,
+                              retry_after, single_error)
 from receiver.auth import basic_auth_username
 from receiver.body import TOO_LARGE, BodyError, BodyReader, encoding_problem
 from receiver.context import ReceiverContext
@@ -271,6 +271,9 @@ class IngestRequest(httputil.HTTPMessageDelegate):
             await commit_request(self.ctx, self.request, self.route.route, body, source, auth_key, override_key)
         except StoreUnavailable:
             self.answer(503, self.error_body(STORE_UNAVAILABLE))
+            return False
+        except RowRefused:
+            self.answer(STORE_REFUSED.status, self.error_body(STORE_REFUSED))
             return False
         return True
 

@@ -9,7 +9,7 @@ from typing import Any
 from tornado.httputil import HTTPServerRequest
 
 from pipeline.messages import Problem
-from pipeline.store import StoreUnavailable, now_ms
+from pipeline.store import RowRefused, StoreUnavailable, now_ms
 from receiver.context import ReceiverContext
 
 log = logging.getLogger("trackrelay.receiver")
@@ -28,7 +28,7 @@ async def record_rejected(ctx: ReceiverContext, request: HTTPServerRequest, rout
            "reason": reason.replace("\x00", ""), "raw": raw[:limit] if raw is not None else None}
     try:
         await ctx.committer.commit("rejected", row)
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, RowRefused) as exc:
         ctx.throttled.warning("rejected_not_recorded", "event=rejected_not_recorded code=%s error=%r", problem.code,
                           str(exc))
 
@@ -36,7 +36,8 @@ async def record_rejected(ctx: ReceiverContext, request: HTTPServerRequest, rout
 async def commit_request(ctx: ReceiverContext, request: HTTPServerRequest, route: str, body: bytes, source: str,
                          auth_key: str | None, override_key: str | None = None) -> None:
     """Return once the request is committed to the outbox; raise StoreUnavailable (logged) if
-    the store cannot take it, which the caller answers with a 503."""
+    the store cannot take it, which the caller answers with a 503, or RowRefused if the database
+    refuses this row itself, which the caller answers with :data:`STORE_REFUSED`."""
     user_agent = request.headers.get("User-Agent")
     row = {**request_facts(request, route), "source": source, "body": body,
            "user_agent": user_agent[:512].replace("\x00", "") if user_agent else None,

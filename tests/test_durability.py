@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from conftest import RunningReceiver, unique_id
 from outage import store_down
 from pipeline.config import DatabaseConfig
-from pipeline.store import Store, StoreUnavailable
+from pipeline.store import RowRefused, Store, StoreUnavailable
 from receiver.commit import GroupCommitter
 
 STORE_UNAVAILABLE = {
@@ -173,7 +173,8 @@ def test_a_row_the_database_refuses_does_not_fail_the_others_of_its_group(databa
     try:
         outcomes = asyncio.run(commit_together())
         assert outcomes[:2] == [None, None] and outcomes[3] is None
-        assert isinstance(outcomes[2], StoreUnavailable)
+        # Refused alone too: the row's own fault, answered as final (not a 503 to resend forever).
+        assert isinstance(outcomes[2], RowRefused)
         # Two rollbacks: the shared transaction, then the NOT NULL row on its own.
         assert len(rollbacks) == 2
         assert [r["body"] for r in store.rows("outbox")] == [b"first", b"second", b"third"]
