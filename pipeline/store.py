@@ -233,6 +233,15 @@ class Store:
         with self.engine.connect().execution_options(readonly=True) as conn:
             return [dict(r._mapping) for r in conn.execute(select(*cols).order_by(tbl.c.id))]
 
+    def probe_write(self) -> None:
+        """Raise StoreUnavailable unless a write commits now: one row rewritten with its own
+        value (the schema revision's), for /health when the last commit failed."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        except SQLAlchemyError as exc:
+            raise StoreUnavailable(short_error(exc)) from exc
+
     def dispose(self) -> None:
         self.engine.dispose()
 

@@ -57,6 +57,9 @@ class GroupCommitter:
         self._group: list[_Pending] = []
         self._watchdog: asyncio.TimerHandle | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trackrelay-commit")
+        # Why the last commit failed, while no commit has succeeded since (what /health says
+        # when reads still work but writes do not: a held lock, a full disk, a read-only file).
+        self.failing: str | None = None
 
     async def commit(self, table: str, row: Row) -> None:
         """Return once ``row`` is committed; raise StoreUnavailable if it could not be now,
@@ -104,6 +107,7 @@ class GroupCommitter:
         503 (the rows in flight may still land; a client's resend is deduplicated by messageId)
         and drop the queue, which would only wait behind it."""
         error = StoreUnavailable(f"no commit within {self._timeout:g} s")
+        self.failing = str(error)
         waiting, self._queue = self._group + self._queue, []
         for pending in waiting:
             if not pending.future.done():
@@ -139,6 +143,11 @@ class GroupCommitter:
             outcomes: list[BaseException | None] = done.result()
         except BaseException as exc:  # the executor itself failed: nothing was written
             outcomes = [StoreUnavailable(str(exc))] * len(group)
+        unavailable = next((o for o in outcomes if isinstance(o, StoreUnavailable)), None)
+        if unavailable is not None:
+            self.failing = str(unavailable) or "the store refused writes"
+        elif any(o is None for o in outcomes):
+            self.failing = None
         for pending, outcome in zip(group, outcomes):
             if pending.future.done():
                 continue

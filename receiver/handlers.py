@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -93,15 +94,26 @@ class NotFoundHandler(ApiHandler):
 
 
 class HealthHandler(ApiHandler):
+    """200 when the store answers and takes writes. While the last commit failed, "answers" is
+    not enough (a held lock, a full disk or a read-only file leave reads working): a write is
+    tried, and the store is healthy again only once one commits."""
+
     async def get(self) -> None:
+        committer = self.ctx.committer
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.ctx.store.ping),
-                                   self.ctx.config.database.lock_timeout_seconds + 1)
+            await self._within(self.ctx.store.ping)
+            if committer.failing is not None:
+                await self._within(self.ctx.store.probe_write)
+                committer.failing = None
         except (StoreUnavailable, asyncio.TimeoutError) as exc:
             self.set_status(503)
-            self.finish({"status": "unavailable", "error": str(exc) or "timed out"})
+            writes = " (writes failing)" if committer.failing is not None else ""
+            self.finish({"status": "unavailable", "error": (str(exc) or "timed out") + writes})
             return
         self.finish({"status": "ok"})
+
+    async def _within(self, call: Callable[[], None]) -> None:
+        await asyncio.wait_for(asyncio.to_thread(call), self.ctx.config.database.lock_timeout_seconds + 1)
 
 
 class MetricsHandler(ApiHandler):

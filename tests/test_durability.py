@@ -142,6 +142,20 @@ def test_health_is_503_while_the_database_is_gone_and_200_after(start_receiver: 
     assert (receiver.get("/health").status_code, receiver.get("/health").json()) == (200, {"status": "ok"})
 
 
+def test_health_is_503_while_writes_fail_though_reads_work_and_200_once_one_commits(
+        start_receiver: Any, database_url: str) -> None:
+    # SQLite: a held write lock leaves reads working; before, /health answered 200 throughout.
+    receiver = start_receiver(lock_timeout_seconds=0.3)
+    with store_down(database_url):
+        assert receiver.post("/v1/track", track()).status_code == 503
+        down = receiver.get("/health")
+    assert down.status_code == 503
+    assert down.json()["status"] == "unavailable" and "writes failing" in down.json()["error"]
+    # Nothing was sent since: /health's own write finds the store writable again.
+    assert (receiver.get("/health").status_code, receiver.get("/health").json()) == (200, {"status": "ok"})
+    assert receiver.post("/v1/track", track()).status_code == 200
+
+
 def test_a_basic_auth_key_with_a_nul_is_stored_not_answered_503(receiver: RunningReceiver) -> None:
     # Postgres text cannot hold NUL: stored as sent, this row would be refused on every retry.
     auth = "Basic " + base64.b64encode(b"ke\x00y:").decode()
