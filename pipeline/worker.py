@@ -32,6 +32,7 @@ from pipeline.destinations.base import Destination
 from pipeline.destinations.registry import destination_type
 from pipeline.heap import settle_for_serving
 from pipeline.maintenance import apply_retention, checkpoint_wal
+from pipeline.migrate import current_revision, head_revision
 from pipeline.queue import DeliveryQueue
 from pipeline.store import Store, is_unavailable, normalise_url, short_error
 from pipeline.wakeup import start_listener
@@ -49,6 +50,14 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 class WorkerLocked(Exception):
     """Another worker already runs on this SQLite database."""
+
+
+class SchemaChanged(Exception):
+    """The database was migrated to another schema while this worker ran."""
+
+
+# How often a running worker checks that the database is still at its schema revision.
+SCHEMA_CHECK_SECONDS = 1.0
 
 
 def sqlite_lock_path(url: str) -> str | None:
@@ -72,6 +81,9 @@ class Worker:
         self._active_jobs: set[str] = set()
         self._wanted_again: set[str] = set()
         self._failing: dict[str, tuple[str, float]] = {}
+        # Set when the database's schema is no longer this code's (a newer version migrated
+        # it): the worker stops claiming at once and run_worker_until returns.
+        self.outdated = asyncio.Event()
 
     def stopping(self) -> bool:
         return self._stopping
@@ -81,6 +93,7 @@ class Worker:
         # The worker's own commits need not wait for the disk: losing one after a power cut
         # only means an event goes out again (see create_store_engine).
         self.store = Store.open(self.config.database, at_least_once=True)
+        self.revision = head_revision()
         self.decoder = Decoder(self.store, self.config)
         self.queue = DeliveryQueue(self.store)
         if self.store.backend == "sqlite":
@@ -127,6 +140,7 @@ class Worker:
         self._add("retention", self._retention, worker.retention_interval_seconds, first_run_now=True)
         if self.store is not None and self.store.backend == "sqlite":
             self._add("checkpoint", self._checkpoint, worker.checkpoint_interval_seconds)
+        self._add("schema", self._check_schema, SCHEMA_CHECK_SECONDS)
         self.scheduler.start()
 
     def _add(self, job_id: str, job: Callable[[], Awaitable[Any]], seconds: float, first_run_now: bool = True) -> None:
@@ -200,6 +214,18 @@ class Worker:
         if released:
             log.info("event=leases_expired count=%d", released)
 
+    async def _check_schema(self) -> None:
+        """Stop claiming the moment the database is migrated past this code: a claim of this
+        version and one of a newer version could each lease the other's deliveries in flight
+        (from migration 0004 on, Postgres claims no longer move next_attempt_at_ms)."""
+        assert self.store is not None
+        found = await asyncio.to_thread(current_revision, self.store.engine)
+        if found != self.revision:
+            self._stopping = True  # the lanes check it before every claim
+            log.error("event=schema_changed found=%s expected=%s action=stopping detail='the database was "
+                      "migrated by another trackrelay version: run that version's worker'", found, self.revision)
+            self.outdated.set()
+
     async def _retention(self) -> None:
         assert self.store is not None
         await asyncio.to_thread(apply_retention, self.store, self.config.worker)
@@ -243,9 +269,15 @@ async def run_worker_until(config: Config, stop: asyncio.Event, started: Callabl
         await worker.start()
         if started is not None:
             started()
-        await stop.wait()
+        stopped = asyncio.ensure_future(stop.wait())
+        outdated = asyncio.ensure_future(worker.outdated.wait())
+        await asyncio.wait([stopped, outdated], return_when=asyncio.FIRST_COMPLETED)
+        for waiting in (stopped, outdated):
+            waiting.cancel()
     finally:
         await worker.stop()
+    if worker.outdated.is_set():
+        raise SchemaChanged("the database schema changed under this worker")
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
@@ -279,4 +311,6 @@ def run_worker(config: Config) -> int:
     except WorkerLocked as exc:
         log.error("event=worker_refused error=%r", str(exc))
         return 1
+    except SchemaChanged:
+        return 1  # logged as event=schema_changed when it was found
     return 0
