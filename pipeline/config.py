@@ -70,6 +70,14 @@ class ReceiverConfig:
     # prefix): what the SDK settings and the first-party bundle point them at. Empty: taken
     # from each request's Host.
     public_url: str = ""
+    # A request body must be whole within this many seconds of its headers, and arrive at least
+    # this fast on average once the grace has passed (0: no minimum): else 408 (receiver/timeouts.py).
+    body_timeout_seconds: float = 30.0
+    body_min_rate_bytes: int = 1024
+    body_rate_grace_seconds: float = 5.0
+    # A keep-alive connection with no request for this long is closed (Tornado applies it to
+    # the wait for a request's headers too).
+    idle_timeout_seconds: float = 60.0
     # A folder holding a copy of analytics-next's dist/umd files: served as the first-party
     # analytics.js (receiver/bundle.py). Empty: not served.
     browser_sdk_dir: str = ""
@@ -432,6 +440,9 @@ def _check_limits(receiver: ReceiverConfig) -> None:
     if receiver.commit_gather_ms > 1000:  # negative values are refused with every other number
         raise ConfigError("[receiver] commit_gather_ms: must be at most 1000 (a request waits up to this long "
                           "for others to share its commit)")
+    for key in ("body_timeout_seconds", "idle_timeout_seconds"):
+        if getattr(receiver, key) < 1:
+            raise ConfigError(f"[receiver] {key}: must be at least 1")
     if receiver.public_url:
         _check_public_url(receiver.public_url)
     if receiver.browser_sdk_dir and not Path(receiver.browser_sdk_dir, "standalone.js").is_file():

@@ -15,6 +15,7 @@ from pipeline.wakeup import SqliteSignal, outbox_signal
 from receiver.commit import GroupCommitter
 from receiver.cors import CorsPolicy
 from receiver.guard import BrowserGuard
+from receiver.timeouts import sweep_bodies
 
 
 class Judging:
@@ -47,6 +48,7 @@ class ReceiverContext:
     # Set at shutdown: the rate-limit tally writes what it counted and ends.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tally_task: asyncio.Task[None] | None = None
+    sweep_task: asyncio.Task[None] | None = None
     # During an outage every request fails the same way: a line a second, not a line a request.
     throttled: Throttled = field(default_factory=lambda: Throttled(logging.getLogger("trackrelay.receiver")))
 
@@ -61,8 +63,9 @@ class ReceiverContext:
         cors = CorsPolicy(config)
         ctx = cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
                   wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors))
-        if ctx.guard.counts:
-            ctx.tally_task = asyncio.ensure_future(ctx.guard.run_tally(committer, ctx.stopping))
+        # Timed-out bodies are counted whatever else is configured: the tally always runs.
+        ctx.tally_task = asyncio.ensure_future(ctx.guard.run_tally(committer, ctx.stopping))
+        ctx.sweep_task = asyncio.ensure_future(sweep_bodies(config.receiver, ctx.active, ctx.stopping))
         return ctx
 
     async def drain(self, timeout: float) -> None:
@@ -72,6 +75,8 @@ class ReceiverContext:
         while self.active and loop.time() < deadline:
             await asyncio.sleep(0.01)
         self.stopping.set()
+        if self.sweep_task is not None:
+            await self.sweep_task
         if self.tally_task is not None:
             await self.tally_task  # its last rows go in before the committer closes
         await self.committer.close()

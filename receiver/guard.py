@@ -31,7 +31,8 @@ TALLY_INTERVAL_SECONDS = 10.0
 ORIGIN_ROWS_PER_INTERVAL = 20
 # The counted refusals: their status, and what the row's reason says of them.
 TALLIED = {"rate_limited": (429, "over the rate limit"),
-           "origin_not_allowed": (403, "from an origin not allowed")}
+           "origin_not_allowed": (403, "from an origin not allowed"),
+           "request_timeout": (408, "whose body did not arrive in time")}
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,6 @@ class BrowserGuard:
         self.checks_origins = any(s.allowed_origins for s in config.sources)
         # Off (the default): the ingest path does not even gather a request's sources.
         self.active = self.checks_origins or self.limiter.enabled
-        # The tally runs whenever something may be counted.
-        self.counts = self.active
 
     def check(self, origin: str | None, sources: Sequence[str], client: str | None, route: str) -> Refusal | None:
         """None if the request may go on; else why not. A refused request takes no tokens."""
@@ -90,6 +89,10 @@ class BrowserGuard:
         self.tally.add(source, route, "origin_not_allowed", now_ms())
         return False
 
+    def count(self, source: str, route: str, code: str) -> None:
+        """Count a refusal of a kind in TALLIED into the next tally rows."""
+        self.tally.add(source, route, code, now_ms())
+
     async def write_tally(self, committer: GroupCommitter) -> None:
         """One `rejected` row per source, route and kind for the refusals counted."""
         since, counts = self.tally.take()
@@ -99,9 +102,10 @@ class BrowserGuard:
         until = now_ms()
         for (source, route, code), count in sorted(counts.items()):
             status, what = TALLIED[code]
-            row = {"received_at_ms": until, "route": route, "source": source, "status": status, "code": code,
-                   "remote_addr": None, "raw": None,
-                   "reason": f"{count} request(s) {what} of source {source!r} refused with {status} "
+            whose = f" of source {source!r}" if source else ""  # a timed-out body's key was never read
+            row = {"received_at_ms": until, "route": route, "source": source or None, "status": status,
+                   "code": code, "remote_addr": None, "raw": None,
+                   "reason": f"{count} request(s) {what}{whose} refused with {status} "
                              f"in the {(until - (since or until)) / 1000:.1f} s before this row"}
             log.warning("event=%s source=%s route=%s refused=%d", code, source, route, count)
             try:

@@ -125,11 +125,13 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         # The sources of the request's accepted messages, once judged: whose origin lists
         # the CORS headers follow (None: not known, see receiver/cors.py).
         self.sources: list[str] | None = None
+        self.started = 0.0  # when the headers came (time.monotonic): the body's deadline counts from it
 
     # -- what Tornado's HTTP/1.1 connection calls --------------------------------------------
 
     def headers_received(self, start_line: RequestStartLine | httputil.ResponseStartLine,
                          headers: HTTPHeaders) -> None:
+        self.started = time.monotonic()
         self.ctx.active.add(self)
         connection = self.request.connection
         assert connection is not None
@@ -165,6 +167,22 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         # Tornado calls this only if we have not answered while the body was arriving.
         self.ctx.judging.count += 1  # until _run ends: the group committer waits for us
         self.task = asyncio.ensure_future(self._run())
+
+    # -- what the body sweep calls (receiver/timeouts.py) --------------------------------------
+
+    def body_progress(self) -> tuple[float, int] | None:
+        if self.task is not None or self.answered:
+            return None  # whole (being judged or committed), or already answered
+        return self.started, self.reader.received
+
+    def time_out(self, problem: Problem) -> None:
+        if self.answered:
+            return
+        self.ctx.guard.count("", self.route.route, problem.code)
+        self.ctx.throttled.warning("request_timeout", "event=request_timeout route=%s received=%d",
+                                   self.route.route, self.reader.received)
+        self.answer(problem.status, self.error_body(problem), closing=True)  # then Tornado closes
+        self.ctx.active.discard(self)
 
     def on_connection_close(self) -> None:
         # The client left; a commit already under way still completes.

@@ -100,7 +100,10 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
                         # Our handlers enforce the real limits; Tornado's only bounds what we
                         # read and throw away, so over-limit clients still get their 413.
                         max_body_size=config.receiver.discard_cap_bytes + 1,
-                        idle_connection_timeout=120)
+                        idle_connection_timeout=config.receiver.idle_timeout_seconds,
+                        # A backstop for the routes our own sweep does not watch (receiver/
+                        # timeouts.py answers ingest bodies with a 408 before this closes them).
+                        body_timeout=config.receiver.body_timeout_seconds + 5)
     server.add_sockets(sockets)
     if started is not None:
         started()
