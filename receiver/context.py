@@ -63,10 +63,14 @@ class ReceiverContext:
         cors = CorsPolicy(config)
         ctx = cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
                   wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors))
-        # Timed-out bodies are counted whatever else is configured: the tally always runs.
-        ctx.tally_task = asyncio.ensure_future(ctx.guard.run_tally(committer, ctx.stopping))
-        ctx.sweep_task = asyncio.ensure_future(sweep_bodies(config.receiver, ctx.active, ctx.stopping))
         return ctx
+
+    def start(self) -> None:
+        """Start the background work of a serving receiver (on the running loop): the body sweep,
+        and the tally that writes what it and the guard counted (always: timeouts are counted
+        whatever else is configured)."""
+        self.tally_task = asyncio.ensure_future(self.guard.run_tally(self.committer, self.stopping))
+        self.sweep_task = asyncio.ensure_future(sweep_bodies(self.config.receiver, self.active, self.stopping))
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout``) for active requests to be answered, then for the committer."""

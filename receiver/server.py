@@ -95,6 +95,7 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
     then: pipeline/heap.py)."""
     store = Store.open(config.database)
     ctx = ReceiverContext.create(config, store)
+    ctx.start()
     server = HTTPServer(make_router(ctx), xheaders=config.receiver.trust_forwarded_headers,
                         decompress_request=False,
                         # Our handlers enforce the real limits; Tornado's only bounds what we

@@ -121,6 +121,10 @@ class NetworkRecord:
         return "\n".join(f"  {e.describe()}" for e in chosen) or "  (no requests)"
 
 
+# How long run() waits for the page's requests in flight to show their answers in the record.
+SETTLE_SECONDS = 3.0
+
+
 class BrowserPage:
     """A fresh browser context with one page, its network record and its console."""
 
@@ -136,11 +140,20 @@ class BrowserPage:
         self.page.goto(url, wait_until="load", timeout=15_000)
 
     def run(self, script: str, arg: Any = None) -> Any:
-        """``page.evaluate``; a script that throws fails the test with what the page sent."""
+        """``page.evaluate``; a script that throws fails the test with what the page sent. Returns
+        once the network record has caught up with the requests the script made (DevTools events
+        arrive only while a Playwright call runs: an answer the page already has may not be in
+        the record yet), waiting at most SETTLE_SECONDS for those still in flight."""
         try:
-            return self.page.evaluate(script, arg)
+            result = self.page.evaluate(script, arg)
         except Exception as exc:
             raise AssertionError(f"the page's script failed: {exc}\n{self.report()}") from exc
+        deadline = time.monotonic() + SETTLE_SECONDS
+        self.pause(0.05)
+        while any(e.status is None and not e.failed and not e.finished for e in self.network.exchanges) \
+                and time.monotonic() < deadline:
+            self.pause(0.1)
+        return result
 
     def pause(self, seconds: float) -> None:
         """Wait while DevTools events keep arriving."""
