@@ -37,6 +37,10 @@ STORE_REFUSED = Problem("store_refused", "Request refused by the store",
                         "the database refused to store this request; resending it will not help")
 
 
+def not_found(details: str) -> Problem:
+    return Problem("not_found", "Not Found", details, status=404, error="Not Found")
+
+
 def single_error(problem: Problem) -> dict[str, Any]:
     return {"Error": problem.error, "Message": problem.message, "Details": problem.details,
             "code": problem.code, "message": problem.message}

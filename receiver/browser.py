@@ -11,7 +11,7 @@ from urllib.parse import unquote
 import orjson
 
 from pipeline.messages import Problem
-from receiver.answers import single_error
+from receiver.answers import not_found, single_error
 from receiver.auth import basic_auth_username
 from receiver.bundle import Asset, BrowserBundle
 from receiver.context import ReceiverContext
@@ -27,17 +27,26 @@ SETTINGS_CACHE = "public, max-age=300"
 BUNDLE_CACHE = "public, max-age=300"
 CHUNK_CACHE = "public, max-age=31536000, immutable"  # the name carries the content's hash
 
-UNKNOWN_KEY = Problem("not_found", "Not Found", "no source has this write key", status=404, error="Not Found")
+UNKNOWN_KEY = not_found("no source has this write key")
+NOT_SERVED = not_found("analytics.js is not served here: set [receiver] browser_sdk_dir")
+_UNSET: Any = object()
 
 
 class SourceLookup(ApiHandler):
     """A handler whose answer is for one write key's source."""
 
-    def source_of(self, key: str | None) -> str | None:
-        return self.ctx.sources.source_for(key) if key else None
+    _source: str | None = _UNSET
+
+    def source(self) -> str | None:
+        """The source of the request's write key, None if none; looked up once a request (the
+        CORS headers need it before the answer does, and each lookup compares every key)."""
+        if self._source is _UNSET:
+            key = self.write_key()
+            self._source = self.ctx.sources.source_for(key) if key else None
+        return self._source
 
     def cors_sources(self) -> list[str] | None:
-        source = self.source_of(self.write_key())
+        source = self.source()
         return [source] if source is not None else None
 
     def write_key(self) -> str | None:
@@ -64,7 +73,7 @@ class SettingsHandler(SourceLookup):
         return unquote(match.group(1)) if match else None
 
     def get(self, key: str) -> None:
-        if self.source_of(key) is None:
+        if self.source() is None:
             return self.answer(404, single_error(UNKNOWN_KEY))
         base = self.base_or_400()
         if base is not None:
@@ -87,14 +96,13 @@ class SourceConfigHandler(SourceLookup):
         return key or basic_auth_username(self.request.headers.get("Authorization"))
 
     def get(self) -> None:
-        key = self.write_key()
-        source = self.source_of(key)
-        if key is None or source is None:
+        source = self.source()
+        if source is None:
             return self.answer(404, single_error(UNKNOWN_KEY))
         self.answer_json(rudderstack_source_config(source), SETTINGS_CACHE)
 
     def head(self) -> None:
-        found = self.source_of(self.write_key()) is not None
+        found = self.source() is not None
         if found:
             self.set_header("Cache-Control", SETTINGS_CACHE)
         self.set_status(200 if found else 404)
@@ -121,15 +129,13 @@ class BundleHandler(SourceLookup):
     def not_served(self) -> bool:
         if self.bundle is not None:
             return False
-        self.answer(404, single_error(Problem(
-            "not_found", "Not Found", "analytics.js is not served here: set [receiver] browser_sdk_dir",
-            status=404, error="Not Found")))
+        self.answer(404, single_error(NOT_SERVED))
         return True
 
     def get(self, key: str) -> None:
         if self.not_served():
             return
-        if self.source_of(key) is None:
+        if self.source() is None:
             return self.answer(404, single_error(UNKNOWN_KEY))
         assert self.bundle is not None
         self.send_asset(self.bundle.standalone(), BUNDLE_CACHE)
@@ -138,13 +144,12 @@ class BundleHandler(SourceLookup):
 
     def send_asset(self, asset: Asset | None, cache: str) -> None:
         if asset is None:
-            return self.answer(404, single_error(Problem("not_found", "Not Found", f"no file {redacted_path(self.request.path)}",
-                                                         status=404, error="Not Found")))
+            return self.answer(404, single_error(not_found(f"no file {redacted_path(self.request.path)}")))
         self.set_header("Cache-Control", cache)
         self.set_header("ETag", asset.etag)
         self.set_header("Content-Type", asset.content_type)
         self.add_header("Vary", "Accept-Encoding")
-        if etag_matches(self.request.headers.get("If-None-Match"), asset.etag):
+        if self.check_etag_header():  # Tornado's: weak comparison, "*", several tags
             self.set_status(304)
             return self.finish()
         if accepts_gzip(self.request.headers.get("Accept-Encoding")):
@@ -168,15 +173,6 @@ class ChunkHandler(BundleHandler):
             self.send_asset(self.bundle.chunk(name), CHUNK_CACHE)
 
     head = get
-
-
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """``If-None-Match`` compared weakly, as RFC 9110 says for it (a proxy that compressed the
-    answer may have made the tag weak: ``W/"..."``); ``*`` matches any."""
-    if not if_none_match:
-        return False
-    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
-    return "*" in tags or etag in tags
 
 
 def accepts_gzip(accept_encoding: str | None) -> bool:

@@ -45,7 +45,7 @@ class ReceiverContext:
     # SQLite: the socket that wakes the worker after each commit; closed once drained.
     wakeup: SqliteSignal | None = None
     judging: Judging = field(default_factory=Judging)
-    # Set at shutdown: the rate-limit tally writes what it counted and ends.
+    # Set at shutdown: the body sweep ends, and the tally writes what it counted and ends.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tally_task: asyncio.Task[None] | None = None
     sweep_task: asyncio.Task[None] | None = None
@@ -61,9 +61,8 @@ class ReceiverContext:
                                    on_commit=signal.send if signal is not None else None,
                                    gather_seconds=config.receiver.commit_gather_ms / 1000, in_progress=judging)
         cors = CorsPolicy(config)
-        ctx = cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
-                  wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors))
-        return ctx
+        return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
+                   wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors))
 
     def start(self) -> None:
         """Start the background work of a serving receiver (on the running loop): the body sweep,

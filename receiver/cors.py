@@ -97,11 +97,6 @@ class CorsPolicy:
                 headers["Access-Control-Allow-Credentials"] = "true"
         return headers
 
-    def refusal_headers(self, origin: str | None) -> Mapping[str, str]:
-        """Headers for a 403 refusing ``origin``: readable by the page, so that its SDK sees a
-        final 4xx and drops the event rather than retrying what looks like a network error."""
-        return self.headers(origin, ())  # no source's list applies to an answer that refuses
-
     def preflight_headers(self, origin: str | None, requested: str | None, private_network: bool,
                           sources: Sequence[str] | None = None) -> dict[str, str]:
         """Headers for an OPTIONS preflight: the origin rules above, the headers it asked for."""

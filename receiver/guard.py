@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config
 from pipeline.messages import Problem
-from pipeline.store import StoreUnavailable, now_ms
+from pipeline.store import RowRefused, StoreUnavailable, now_ms
 from receiver.commit import GroupCommitter
 from receiver.cors import CorsPolicy
 from receiver.ratelimit import RateLimiter, RefusalTally
@@ -40,6 +40,9 @@ class Refusal:
     problem: Problem
     source: str  # the source whose rule refused it
     retry_after: int = 0  # seconds, for a 429
+    # Whether the caller records it as a rejected row of its own (with its input); else the
+    # guard has counted it into the tally already.
+    record: bool = False
 
 
 def origin_refused(origin: str, source: str) -> Problem:
@@ -69,24 +72,24 @@ class BrowserGuard:
         if origin is not None and self.checks_origins:
             for name in sources:
                 if not self.cors.source_allows(self.sources.get(name), origin):
-                    return Refusal(origin_refused(origin, name), name)
+                    return Refusal(origin_refused(origin, name), name, record=self._record_origin_refusal(name, route))
         if self.limiter.enabled:
             wait = self.limiter.admit(sources, client or "")
             if wait > 0:
                 source = next(name for name in sources if name in self.limiter.limits)
-                self.tally.add(source, route, "rate_limited", now_ms())
+                self.count(source, route, "rate_limited")
                 return Refusal(rate_limited(source), source, retry_after=min(MAX_RETRY_AFTER, max(1, math.ceil(wait))))
         return None
 
-    def record_origin_refusal(self, source: str, route: str) -> bool:
-        """Whether to record this origin refusal as a row of its own: the first few of each
-        source per interval are (with their input); past that they are counted, so that a
-        flood with a forged Origin costs a row an interval, not a row a request."""
+    def _record_origin_refusal(self, source: str, route: str) -> bool:
+        """The first few origin refusals of each source per interval are recorded one by one
+        (with their input); past that they are counted, so that a flood with a forged Origin
+        costs a row an interval, not a row a request."""
         seen = self.origin_rows.get(source, 0)
         if seen < ORIGIN_ROWS_PER_INTERVAL:
             self.origin_rows[source] = seen + 1
             return True
-        self.tally.add(source, route, "origin_not_allowed", now_ms())
+        self.count(source, route, "origin_not_allowed")
         return False
 
     def count(self, source: str, route: str, code: str) -> None:
@@ -110,7 +113,7 @@ class BrowserGuard:
             log.warning("event=%s source=%s route=%s refused=%d", code, source, route, count)
             try:
                 await committer.commit("rejected", row)
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, RowRefused) as exc:
                 log.warning("event=rejected_not_recorded code=%s count=%d error=%r", code, count, str(exc))
 
     async def run_tally(self, committer: GroupCommitter, stop: asyncio.Event) -> None:

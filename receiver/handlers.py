@@ -14,7 +14,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from pipeline.messages import Problem
 from pipeline.store import RowRefused, StoreUnavailable
-from receiver.answers import (STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, retry_after,
+from receiver.answers import (STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, not_found, retry_after,
                               single_error)
 from receiver.context import ReceiverContext
 from receiver.recording import commit_request, record_rejected
@@ -89,8 +89,7 @@ class ApiHandler(RequestHandler):
 
 class NotFoundHandler(ApiHandler):
     def prepare(self) -> None:
-        self.answer(404, single_error(Problem("not_found", "Not Found", f"no route {redacted_path(self.request.path)}",
-                                              status=404, error="Not Found")))
+        self.answer(404, single_error(not_found(f"no route {redacted_path(self.request.path)}")))
 
 
 class HealthHandler(ApiHandler):

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -261,13 +260,13 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         refusal = self.ctx.guard.check(self.request.headers.get("Origin"), sources, self.request.remote_ip, route)
         if refusal is None:
             return False
+        if refusal.record:
+            await record_rejected(self.ctx, self.request, route, refusal.problem, body, refusal.source)
         if refusal.problem.status == 403:
-            if self.ctx.guard.record_origin_refusal(refusal.source, route):
-                await record_rejected(self.ctx, self.request, route, refusal.problem, body, refusal.source)
-            headers = self.ctx.cors.refusal_headers(self.request.headers.get("Origin"))
-            self.answer(403, self.error_body(refusal.problem), cors=headers)
-        else:  # 429: counted by the guard, written as one row per interval
-            self.answer(429, self.error_body(refusal.problem), retry_after_seconds=refusal.retry_after)
+            # No source's list applies to the answer: the page may read it, so its SDK sees a
+            # final 4xx rather than a network error to retry (receiver/cors.py).
+            self.sources = []
+        self.answer(refusal.problem.status, self.error_body(refusal.problem), retry_after_seconds=refusal.retry_after)
         return True
 
     def query_write_key(self) -> str | None:
@@ -311,8 +310,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
 
     # -- the answer ---------------------------------------------------------------------------
 
-    def answer(self, status: int, body: dict[str, Any], closing: bool = False, cors: Mapping[str, str] | None = None,
-               retry_after_seconds: int = 0) -> None:
+    def answer(self, status: int, body: dict[str, Any], closing: bool = False, retry_after_seconds: int = 0) -> None:
         if self.answered:
             return
         payload = SUCCESS_BYTES if body is SUCCESS else orjson.dumps(body)
@@ -321,9 +319,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         headers["Date"] = _Date.now()
         headers["Content-Type"] = JSON
         headers["Cache-Control"] = "no-store"
-        if cors is None:
-            cors = self.ctx.cors.headers(self.request.headers.get("Origin"), self.sources)
-        for name, value in cors.items():
+        for name, value in self.ctx.cors.headers(self.request.headers.get("Origin"), self.sources).items():
             headers[name] = value
         if status == 503:
             headers["Retry-After"] = retry_after(self.ctx.config.receiver.retry_after_seconds)

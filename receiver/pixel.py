@@ -96,15 +96,15 @@ class PixelHandler(RecordingHandler):
         if problem is None and self.ctx.guard.active:
             refusal = self.ctx.guard.check(self.request.headers.get("Origin"), [source or ""], self.request.remote_ip,
                                            self.route)
-            if refusal is not None and refusal.problem.status == 429:
+            if refusal is not None:
+                if refusal.record:
+                    await self.record_rejected(refusal.problem, body, refusal.source)
+                if refusal.problem.status != 429:  # bad input for this source: the GIF
+                    return self._gif()
                 # Not the GIF: a 200 would say the event is stored. Like a 503, this is "not
                 # now", and the page (or its pixel library) may send it again later.
                 self.set_header("Retry-After", str(refusal.retry_after))
                 return self.answer(429, single_error(refusal.problem))
-            if refusal is not None:  # bad input for this source: recorded (or counted), and the GIF
-                if self.ctx.guard.record_origin_refusal(refusal.source, self.route):
-                    await self.record_rejected(refusal.problem, body, refusal.source)
-                return self._gif()
         if problem is not None:
             await self.record_rejected(problem, body)
             return self._gif()

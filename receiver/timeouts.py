@@ -48,7 +48,7 @@ def too_slow(receiver: ReceiverConfig, started: float, received: int, now: float
         received < receiver.body_min_rate_bytes * elapsed
 
 
-async def sweep_bodies(receiver: ReceiverConfig, requests: Iterable[object], stop: asyncio.Event) -> None:
+async def sweep_bodies(receiver: ReceiverConfig, requests: Iterable[ArrivingBody], stop: asyncio.Event) -> None:
     """Until ``stop``: every second, time out the bodies that are too slow."""
     while not stop.is_set():
         try:
@@ -57,7 +57,6 @@ async def sweep_bodies(receiver: ReceiverConfig, requests: Iterable[object], sto
             pass
         now = time.monotonic()
         for request in list(requests):
-            progress = getattr(request, "body_progress", None)
-            state = progress() if progress is not None else None
+            state = request.body_progress()
             if state is not None and too_slow(receiver, state[0], state[1], now):
-                request.time_out(body_timed_out(now - state[0]))  # type: ignore[attr-defined]
+                request.time_out(body_timed_out(now - state[0]))
