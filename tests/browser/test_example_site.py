@@ -19,7 +19,7 @@ from .servers import Relay, StaticServer
 
 pytestmark = pytest.mark.browser
 EXAMPLE = Path(__file__).parents[2] / "deploy" / "example-site" / "index.html"
-SCREENSHOT = Path(__file__).parent / "screenshots" / "example-site.png"
+SCREENSHOT = Path(__file__).parent / "screenshots" / "example-site.png"  # renamed -<width>.png
 WRITE_KEY = "example-key"
 EMAIL = "example-user@example.com"
 WAIT_MS = 15_000
@@ -36,10 +36,13 @@ def filled_in(relay: Relay) -> str:
     return text
 
 
+@pytest.mark.parametrize("width", [375, 1280])  # a phone (the log card once covered "Sign in") and a desktop
 def test_example_site_sends_page_track_and_identify(browser_page: BrowserPage, site: StaticServer,
-                                                    full_relay: Relay, arrivals: Arrivals, tmp_path: Path) -> None:
+                                                    full_relay: Relay, arrivals: Arrivals, tmp_path: Path,
+                                                    width: int) -> None:
     url = site.page("example-site.html", filled_in(full_relay))
     page = browser_page.page
+    page.set_viewport_size({"width": width, "height": 800})
     browser_page.goto(url)
     try:
         page.wait_for_function("window.analytics && window.analytics.initialized === true", timeout=WAIT_MS)
@@ -60,10 +63,11 @@ def test_example_site_sends_page_track_and_identify(browser_page: BrowserPage, s
     assert by_type["track"]["event"] == "Product Added" and by_type["track"]["properties"]["price"] == 14.5
     assert by_type["identify"]["userId"] == EMAIL and by_type["identify"]["traits"] == {"email": EMAIL}
     browser_page.assert_only_to(site.origin, full_relay.url)
-    page.screenshot(path=str(tmp_path / "example-site.png"), full_page=True)
-    if os.environ.get("UPDATE_SCREENSHOTS"):  # the committed copy, renewed on request only
+    shot = tmp_path / f"example-site-{width}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("UPDATE_SCREENSHOTS"):  # the committed copies, renewed on request only
         SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(tmp_path / "example-site.png", SCREENSHOT)
+        shutil.copyfile(shot, SCREENSHOT.with_name(f"example-site-{width}.png"))
 
 
 def test_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
