@@ -75,9 +75,19 @@ class ReceiverConfig:
     body_timeout_seconds: float = 30.0
     body_min_rate_bytes: int = 1024
     body_rate_grace_seconds: float = 5.0
-    # A keep-alive connection with no request for this long is closed (Tornado applies it to
-    # the wait for a request's headers too).
+    # A keep-alive connection with no request for this long is closed; a request whose head
+    # (request line and headers) started but is not whole within header_timeout_seconds is
+    # answered 408 (receiver/connections.py).
     idle_timeout_seconds: float = 60.0
+    header_timeout_seconds: float = 10.0
+    # Client connections one process holds at most; 0: the descriptor limit less a headroom.
+    max_connections: int = 0
+    # A request target longer than this is answered 414; a whole head (request line and
+    # headers) over max_header_bytes has its connection closed unanswered.
+    max_url_bytes: int = 32768
+    max_header_bytes: int = 131072
+    # Bytes one process holds in request bodies still arriving; past it, 503 (receiver/body.py).
+    max_buffered_bytes: int = 64 * 1024 * 1024
     # A folder holding a copy of analytics-next's dist/umd files: served as the first-party
     # analytics.js (receiver/bundle.py). Empty: not served.
     browser_sdk_dir: str = ""
@@ -440,9 +450,18 @@ def _check_limits(receiver: ReceiverConfig) -> None:
     if receiver.commit_gather_ms > 1000:  # negative values are refused with every other number
         raise ConfigError("[receiver] commit_gather_ms: must be at most 1000 (a request waits up to this long "
                           "for others to share its commit)")
-    for key in ("body_timeout_seconds", "idle_timeout_seconds"):
+    for key in ("body_timeout_seconds", "idle_timeout_seconds", "header_timeout_seconds"):
         if getattr(receiver, key) < 1:
             raise ConfigError(f"[receiver] {key}: must be at least 1")
+    if receiver.max_connections < 0:
+        raise ConfigError("[receiver] max_connections: must be 0 (from the descriptor limit) or more")
+    if receiver.max_url_bytes < 1024:
+        raise ConfigError("[receiver] max_url_bytes: must be at least 1024")
+    if receiver.max_header_bytes < receiver.max_url_bytes + 1024:
+        raise ConfigError("[receiver] max_header_bytes: must be at least max_url_bytes + 1024 (the head holds "
+                          "the URL and the headers)")
+    if receiver.max_buffered_bytes < max(receiver.max_call_bytes, receiver.max_batch_bytes):
+        raise ConfigError("[receiver] max_buffered_bytes: must be at least the largest request limit")
     if receiver.public_url:
         _check_public_url(receiver.public_url)
     if receiver.browser_sdk_dir and not Path(receiver.browser_sdk_dir, "standalone.js").is_file():

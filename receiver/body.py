@@ -4,6 +4,15 @@ Limits apply to the decompressed body, and inflation is bounded at every step
 (``max_length``), so a small gzip bomb is refused without the process ever holding the
 inflated body. Past a limit the reader keeps counting (and discarding) what still arrives, so
 the handler can read the rest of the body and answer 413 instead of resetting the connection.
+
+What a reader holds until its body is whole is what the client sent, not what it inflates to:
+a compressed body is inflated as it arrives only to count and check it (the output thrown away
+a ``INFLATE_STEP`` at a time), and inflated again, whole, once the last byte is in. A stalled
+gzip body of 663 bytes that inflates to 500 KB holds 663 bytes, not 500 KB; inflating twice
+costs about a millisecond per 500 KB body, for the few clients that compress.
+
+Every byte held counts against the process's :class:`BodyBudget` (``max_buffered_bytes``):
+a body that would take it past the cap is refused with ``503`` and what it held is let go.
 """
 
 from __future__ import annotations
@@ -15,6 +24,36 @@ from pipeline.messages import Problem
 SUPPORTED_ENCODINGS = ("identity", "gzip", "x-gzip", "deflate")
 
 TOO_LARGE = Problem("payload_too_large", "Error reading request body", "HTTP request too large", status=413)
+BUFFERS_FULL = Problem("buffers_full", "Service unavailable",
+                       "the receiver holds as many unfinished request bodies as it may; retry later",
+                       status=503, error="Service Unavailable")
+
+# Inflated output checked and thrown away in steps this large: what a stalled compressed body
+# costs beyond its own bytes is one step, briefly.
+INFLATE_STEP = 64 * 1024
+
+
+class BodyBudget:
+    """Bytes held, in one process, by request bodies still arriving; ``cap`` bounds them."""
+
+    __slots__ = ("cap", "held", "peak")
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.held, self.peak = cap, 0, 0
+
+    def full(self) -> bool:
+        return self.held >= self.cap
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.cap:
+            return False
+        self.held += size
+        if self.held > self.peak:
+            self.peak = self.held
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
 
 
 class BodyError(Exception):
@@ -36,41 +75,57 @@ def encoding_problem(content_encoding: str | None) -> Problem | None:
 class BodyReader:
     """Feed raw chunks; ``finish()`` returns the decompressed body or raises :class:`BodyError`."""
 
-    def __init__(self, content_encoding: str | None, limit: int) -> None:
+    def __init__(self, content_encoding: str | None, limit: int, budget: BodyBudget | None = None) -> None:
         name = (content_encoding or "identity").strip().lower()
         self._gzip = name in ("gzip", "x-gzip")
         self._deflate = name == "deflate"
+        self._wbits = 31 if self._gzip else 0  # deflate's: known from its first two bytes
         self._inflater: zlib._Decompress | None = zlib.decompressobj(31) if self._gzip else None
         self._limit = limit
-        self._chunks: list[bytes] = []
+        self._budget = budget
+        self._chunks: list[bytes] = []  # as sent: compressed bodies stay compressed until whole
+        self._held = 0  # bytes of _chunks counted in the budget
         self._deflate_head = b""  # deflate's first byte, until a second tells zlib from raw
-        self._size = 0
+        self._size = 0  # the body's size, inflated
         self.received = 0
         self.too_large = False
+        self.over_budget = False
         self._error: Problem | None = None
 
     def feed(self, chunk: bytes) -> None:
         self.received += len(chunk)
-        if self.too_large or self._error is not None:
+        if self.too_large or self.over_budget or self._error is not None:
             return  # discarding: we only count what is still arriving
         if self._deflate and self._inflater is None:
             chunk, self._deflate_head = self._deflate_head + chunk, b""
             if len(chunk) < 2:
                 self._deflate_head = chunk
                 return
-            self._inflater = zlib.decompressobj(_deflate_wbits(chunk))
+            self._wbits = _deflate_wbits(chunk)
+            self._inflater = zlib.decompressobj(self._wbits)
+        if self._inflater is None:
+            self._size += len(chunk)
+            if self._size > self._limit:
+                self._drop(too_large=True)
+                return
+            self._hold(chunk)
+            return
+        self._hold(chunk)
         try:
-            self._inflate(chunk) if self._inflater is not None else self._keep(chunk)
+            self._count_inflated(chunk)
         except zlib.error as exc:
             self._fail(Problem("invalid_encoding", "Error reading request body",
                                f"the body is not valid {'gzip' if self._gzip else 'deflate'} ({exc})"))
 
-    def _inflate(self, data: bytes) -> None:
+    def _count_inflated(self, data: bytes) -> None:
         while data and not self.too_large:
             assert self._inflater is not None
-            # Never inflate more than one byte past the limit in one step.
-            out = self._inflater.decompress(data, self._limit - self._size + 1)
-            self._keep(out)
+            # Never inflate more than one byte past the limit, nor more than a step, at once.
+            out = self._inflater.decompress(data, min(self._limit - self._size + 1, INFLATE_STEP))
+            self._size += len(out)
+            if self._size > self._limit:
+                self._drop(too_large=True)
+                return
             data = self._inflater.unconsumed_tail
             if self._inflater.eof:
                 # Concatenated gzip members are one body (RFC 1952 allows them).
@@ -81,30 +136,55 @@ class BodyReader:
                 elif rest.strip():
                     raise zlib.error("data after the end of the compressed stream")
 
-    def _keep(self, data: bytes) -> None:
-        if not data:
+    def _hold(self, data: bytes) -> None:
+        if self.over_budget or not data:
             return
-        self._size += len(data)
-        if self._size > self._limit:
-            self.too_large = True
-            self._chunks.clear()
-            return
+        if self._budget is not None:
+            if not self._budget.take(len(data)):
+                self._drop(over_budget=True)
+                return
+            self._held += len(data)
         self._chunks.append(data)
+
+    def _drop(self, too_large: bool = False, over_budget: bool = False) -> None:
+        self.too_large = self.too_large or too_large
+        self.over_budget = self.over_budget or over_budget
+        self.release()
+
+    def release(self) -> None:
+        """Let go of what is held (the body is whole, refused, or its client has gone)."""
+        self._chunks = []
+        if self._budget is not None and self._held:
+            self._budget.give(self._held)
+        self._held = 0
 
     def _fail(self, problem: Problem) -> None:
         self._error = problem
-        self._chunks.clear()
+        self.release()
 
     def finish(self) -> bytes:
         if self.too_large:
             raise BodyError(TOO_LARGE)
+        if self.over_budget:
+            raise BodyError(BUFFERS_FULL)
         unfinished = self._deflate_head or (self._inflater is not None and self.received and not self._inflater.eof)
         if self._error is None and unfinished:
             self._fail(Problem("invalid_encoding", "Error reading request body",
                                "the compressed body ends before its end marker"))
         if self._error is not None:
             raise BodyError(self._error)
-        return b"".join(self._chunks)
+        sent = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        self.release()
+        return sent if self._inflater is None else self._inflate_whole(sent)
+
+    def _inflate_whole(self, data: bytes) -> bytes:
+        """The second pass: the same bytes the first pass checked, so the same (bounded) size."""
+        pieces = []
+        while data:
+            inflater = zlib.decompressobj(self._wbits)
+            pieces.append(inflater.decompress(data))
+            data = inflater.unused_data if self._gzip else b""
+        return b"".join(pieces)
 
 
 def _deflate_wbits(first: bytes) -> int:

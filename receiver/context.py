@@ -12,6 +12,7 @@ from pipeline.logs import Throttled
 from pipeline.sources import SourceRegistry
 from pipeline.store import Store
 from pipeline.wakeup import SqliteSignal, outbox_signal
+from receiver.body import BodyBudget
 from receiver.commit import GroupCommitter
 from receiver.cors import CorsPolicy
 from receiver.guard import BrowserGuard
@@ -47,6 +48,8 @@ class ReceiverContext:
     judging: Judging = field(default_factory=Judging)
     # Set at shutdown: the body sweep ends, and the tally writes what it counted and ends.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Bytes held by request bodies still arriving (receiver/body.py).
+    budget: BodyBudget = field(default_factory=lambda: BodyBudget(64 * 1024 * 1024))
     tally_task: asyncio.Task[None] | None = None
     sweep_task: asyncio.Task[None] | None = None
     # During an outage every request fails the same way: a line a second, not a line a request.
@@ -62,7 +65,8 @@ class ReceiverContext:
                                    gather_seconds=config.receiver.commit_gather_ms / 1000, in_progress=judging)
         cors = CorsPolicy(config)
         return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
-                   wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors))
+                   wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors),
+                   budget=BodyBudget(config.receiver.max_buffered_bytes))
 
     def start(self) -> None:
         """Start the background work of a serving receiver (on the running loop): the body sweep,

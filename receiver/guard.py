@@ -32,7 +32,9 @@ ORIGIN_ROWS_PER_INTERVAL = 20
 # The counted refusals: their status, and what the row's reason says of them.
 TALLIED = {"rate_limited": (429, "over the rate limit"),
            "origin_not_allowed": (403, "from an origin not allowed"),
-           "request_timeout": (408, "whose body did not arrive in time")}
+           "request_timeout": (408, "that did not arrive in time"),
+           "buffers_full": (503, "while unfinished bodies filled max_buffered_bytes"),
+           "too_many_connections": (503, "past max_connections")}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from pipeline.store import RowRefused, StoreUnavailable
 from receiver.answers import (STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, batch_error, batch_verdicts,
                               retry_after, single_error)
 from receiver.auth import basic_auth_username
-from receiver.body import TOO_LARGE, BodyError, BodyReader, encoding_problem
+from receiver.body import BUFFERS_FULL, TOO_LARGE, BodyError, BodyReader, encoding_problem
 from receiver.context import ReceiverContext
 from receiver.recording import commit_request, record_rejected
 
@@ -144,7 +144,10 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         self.refusal = encoding_problem(encoding)
         if self.refusal is not None:
             return
-        self.reader = BodyReader(encoding, self.limit)
+        if self.ctx.budget.full():
+            self.refuse_busy()
+            return
+        self.reader = BodyReader(encoding, self.limit, self.ctx.budget)
         declared = declared_length(headers.get("Content-Length"))
         if declared is None:
             return  # chunked (decided while streaming), or a length Tornado's reader answers 400 to
@@ -159,7 +162,9 @@ class IngestRequest(httputil.HTTPMessageDelegate):
 
     def data_received(self, chunk: bytes) -> None:
         self.reader.feed(chunk)
-        if self.reader.received > self.ctx.config.receiver.discard_cap_bytes and not self.answered:
+        if self.reader.over_budget and not self.answered:
+            self.refuse_busy()
+        elif self.reader.received > self.ctx.config.receiver.discard_cap_bytes and not self.answered:
             self.refuse_now(TOO_LARGE)  # the connection closes after this answer
 
     def finish(self) -> None:
@@ -181,10 +186,12 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         self.ctx.throttled.warning("request_timeout", "event=request_timeout route=%s received=%d",
                                    self.route.route, self.reader.received)
         self.answer(problem.status, self.error_body(problem), closing=True)  # then Tornado closes
+        self.reader.release()
         self.ctx.active.discard(self)
 
     def on_connection_close(self) -> None:
         # The client left; a commit already under way still completes.
+        self.reader.release()
         if self.task is None:
             self.ctx.active.discard(self)
 
@@ -307,6 +314,16 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         self.answer(problem.status, self.error_body(problem), closing=True)
         self.task = asyncio.ensure_future(record_rejected(self.ctx, self.request, self.route.route, problem, None))
         self.task.add_done_callback(lambda _: self.ctx.active.discard(self))
+
+    def refuse_busy(self) -> None:
+        """The process holds max_buffered_bytes of unfinished bodies: 503, counted, not recorded
+        one by one (it happens to many requests at once, and recording would take memory too)."""
+        self.reader.release()
+        self.ctx.guard.count("", self.route.route, BUFFERS_FULL.code)
+        self.ctx.throttled.warning("buffers_full", "event=buffers_full route=%s held=%d cap=%d", self.route.route,
+                                   self.ctx.budget.held, self.ctx.budget.cap)
+        self.answer(BUFFERS_FULL.status, self.error_body(BUFFERS_FULL), closing=True)
+        self.ctx.active.discard(self)
 
     # -- the answer ---------------------------------------------------------------------------
 

@@ -8,15 +8,17 @@ import signal
 from collections.abc import Callable
 from socket import socket
 
-from tornado.httpserver import HTTPServer
+from tornado import httputil
 from tornado.netutil import bind_sockets
 
 from pipeline import loop as event_loop
 from pipeline.config import Config
-from pipeline.heap import freeze_before_fork, settle_for_serving
+from pipeline.heap import freeze_before_fork, release_free_memory, settle_for_serving
 from pipeline.migrate import current_revision, head_revision, upgrade
 from pipeline.store import Store
+from receiver.answers import retry_after
 from receiver.app import make_router
+from receiver.connections import ConnectionLimits, GuardedHTTPServer, descriptor_limit
 from receiver.context import ReceiverContext
 from pipeline.worker import run_worker
 from receiver.processes import supervise
@@ -93,19 +95,29 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
     """Serve on ``sockets`` until ``stop`` is set, then finish in-flight commits and return.
     ``started`` is called once the server accepts connections (a process settles its heap
     then: pipeline/heap.py)."""
+    receiver = config.receiver
     store = Store.open(config.database)
     ctx = ReceiverContext.create(config, store)
     ctx.start()
-    server = HTTPServer(make_router(ctx), xheaders=config.receiver.trust_forwarded_headers,
-                        decompress_request=False,
-                        # Our handlers enforce the real limits; Tornado's only bounds what we
-                        # read and throw away, so over-limit clients still get their 413.
-                        max_body_size=config.receiver.discard_cap_bytes + 1,
-                        idle_connection_timeout=config.receiver.idle_timeout_seconds,
-                        # A backstop for the routes our own sweep does not watch (receiver/
-                        # timeouts.py answers ingest bodies with a 408 before this closes them).
-                        body_timeout=config.receiver.body_timeout_seconds + 5)
+    allow_query_fields(receiver.max_url_bytes)
+    limits = ConnectionLimits.of(receiver, descriptor_limit(), int(retry_after(receiver.retry_after_seconds)))
+    log.info("event=connection_limits max_connections=%d header_timeout=%gs idle_timeout=%gs max_url_bytes=%d "
+             "max_buffered_bytes=%d", limits.max_connections, limits.header_timeout, limits.idle_timeout,
+             limits.max_url_bytes, receiver.max_buffered_bytes)
+    server = GuardedHTTPServer(make_router(ctx), limits=limits,
+                               count=lambda code: ctx.guard.count("", "connection", code),
+                               xheaders=receiver.trust_forwarded_headers, decompress_request=False,
+                               # Our handlers enforce the real limits; Tornado's only bounds what we
+                               # read and throw away, so over-limit clients still get their 413.
+                               max_body_size=receiver.discard_cap_bytes + 1,
+                               max_header_size=receiver.max_header_bytes,
+                               # Backstops: receiver/connections.py times out idle connections and
+                               # slow heads, receiver/timeouts.py ingest bodies, both before these.
+                               idle_connection_timeout=max(receiver.idle_timeout_seconds,
+                                                           receiver.header_timeout_seconds) + 5,
+                               body_timeout=receiver.body_timeout_seconds + 5)
     server.add_sockets(sockets)
+    trimmer = asyncio.ensure_future(release_memory_of_bodies(ctx, stop))
     if started is not None:
         started()
     log.info("event=started role=receiver")
@@ -117,5 +129,30 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
         await asyncio.wait_for(server.close_all_connections(), 5)
     except asyncio.TimeoutError:
         pass
+    trimmer.cancel()
     store.dispose()
     log.info("event=stopped role=receiver")
+
+
+def allow_query_fields(max_url_bytes: int) -> None:
+    """Tornado refuses a query of more than 1,000 fields with a bare 400, before any handler
+    (a pixel must answer its GIF). A query cannot hold more fields than its URL has bytes
+    over two ("a&"), and max_url_bytes bounds the URL before Tornado parses it."""
+    config = httputil.ParseBodyConfig()
+    config.urlencoded.max_arguments = max(config.urlencoded.max_arguments, max_url_bytes // 2 + 1)
+    httputil.set_parse_body_config(config)
+
+
+TRIM_EVERY_SECONDS = 5.0
+TRIM_AFTER_BYTES = 8 * 1024 * 1024
+
+
+async def release_memory_of_bodies(ctx: ReceiverContext, stop: asyncio.Event) -> None:
+    """Give back to the system what bodies that stalled and went held: once the bytes held have
+    fallen TRIM_AFTER_BYTES below their peak, the allocator's free pages are returned."""
+    budget = ctx.budget
+    while not stop.is_set():
+        await asyncio.sleep(TRIM_EVERY_SECONDS)
+        if budget.peak - budget.held >= TRIM_AFTER_BYTES:
+            budget.peak = budget.held
+            release_free_memory()

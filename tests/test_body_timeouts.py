@@ -100,4 +100,4 @@ def test_timeouts_are_counted_into_one_rejected_row(start_receiver: Callable[...
         store.dispose()
     [row] = rows
     assert (row["code"], row["status"], row["route"], row["source"]) == ("request_timeout", 408, "track", None)
-    assert row["reason"].startswith("3 request(s) whose body did not arrive in time")
+    assert row["reason"].startswith("3 request(s) that did not arrive in time")
