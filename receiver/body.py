@@ -36,10 +36,11 @@ INFLATE_STEP = 64 * 1024
 class BodyBudget:
     """Bytes held, in one process, by request bodies still arriving; ``cap`` bounds them."""
 
-    __slots__ = ("cap", "held", "peak")
+    __slots__ = ("cap", "held", "peak", "rested")
 
     def __init__(self, cap: int) -> None:
         self.cap, self.held, self.peak = cap, 0, 0
+        self.rested = 0  # inflaters let go since the memory was last trimmed
 
     def full(self) -> bool:
         return self.held >= self.cap
@@ -91,6 +92,8 @@ class BodyReader:
         self.too_large = False
         self.over_budget = False
         self._error: Problem | None = None
+        self._rested = False  # the inflater was let go while the body stalled (rest_if_stalled)
+        self._seen = 0
 
     def feed(self, chunk: bytes) -> None:
         self.received += len(chunk)
@@ -110,8 +113,10 @@ class BodyReader:
                 return
             self._hold(chunk)
             return
-        self._hold(chunk)
         try:
+            if self._rested:
+                self._wake()
+            self._hold(chunk)
             self._count_inflated(chunk)
         except zlib.error as exc:
             self._fail(Problem("invalid_encoding", "Error reading request body",
@@ -135,6 +140,24 @@ class BodyReader:
                     data = rest
                 elif rest.strip():
                     raise zlib.error("data after the end of the compressed stream")
+
+    def rest_if_stalled(self) -> None:
+        """Called once a second (receiver/timeouts.py): a compressed body that received nothing
+        since the last call lets its inflater go (some 40 KB of zlib state and window) until
+        more arrives, when what it holds is inflated again to where it was. A stalled gzip body
+        then costs what it sent."""
+        if self._seen == self.received and self._inflater is not None and not self._inflater.eof and \
+                not (self.too_large or self.over_budget or self._error):
+            self._inflater, self._rested = None, True
+            if self._budget is not None:
+                self._budget.rested += 1
+        self._seen = self.received
+
+    def _wake(self) -> None:
+        self._rested = False
+        self._inflater = zlib.decompressobj(self._wbits)
+        self._size = 0
+        self._count_inflated(b"".join(self._chunks))
 
     def _hold(self, data: bytes) -> None:
         if self.over_budget or not data:
@@ -167,6 +190,12 @@ class BodyReader:
             raise BodyError(TOO_LARGE)
         if self.over_budget:
             raise BodyError(BUFFERS_FULL)
+        if self._rested:
+            try:
+                self._wake()
+            except zlib.error as exc:
+                self._fail(Problem("invalid_encoding", "Error reading request body",
+                                   f"the body is not valid {'gzip' if self._gzip else 'deflate'} ({exc})"))
         unfinished = self._deflate_head or (self._inflater is not None and self.received and not self._inflater.eof)
         if self._error is None and unfinished:
             self._fail(Problem("invalid_encoding", "Error reading request body",

@@ -189,6 +189,9 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         self.reader.release()
         self.ctx.active.discard(self)
 
+    def rest_if_stalled(self) -> None:
+        self.reader.rest_if_stalled()
+
     def on_connection_close(self) -> None:
         # The client left; a commit already under way still completes.
         self.reader.release()

@@ -145,14 +145,16 @@ def allow_query_fields(max_url_bytes: int) -> None:
 
 TRIM_EVERY_SECONDS = 5.0
 TRIM_AFTER_BYTES = 8 * 1024 * 1024
+TRIM_AFTER_INFLATERS = 100  # each some 40 KB
 
 
 async def release_memory_of_bodies(ctx: ReceiverContext, stop: asyncio.Event) -> None:
     """Give back to the system what bodies that stalled and went held: once the bytes held have
-    fallen TRIM_AFTER_BYTES below their peak, the allocator's free pages are returned."""
+    fallen TRIM_AFTER_BYTES below their peak, or stalled bodies let TRIM_AFTER_INFLATERS
+    inflaters go, the allocator's free pages are returned."""
     budget = ctx.budget
     while not stop.is_set():
         await asyncio.sleep(TRIM_EVERY_SECONDS)
-        if budget.peak - budget.held >= TRIM_AFTER_BYTES:
-            budget.peak = budget.held
+        if budget.peak - budget.held >= TRIM_AFTER_BYTES or budget.rested >= TRIM_AFTER_INFLATERS:
+            budget.peak, budget.rested = budget.held, 0
             release_free_memory()

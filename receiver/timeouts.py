@@ -38,6 +38,9 @@ class ArrivingBody(Protocol):
     def time_out(self, problem: Problem) -> None:
         """Answer the problem now and close the connection."""
 
+    def rest_if_stalled(self) -> None:
+        """Let go of what can be rebuilt (a compressed body's inflater) if nothing came lately."""
+
 
 def too_slow(receiver: ReceiverConfig, started: float, received: int, now: float) -> bool:
     elapsed = now - started
@@ -58,5 +61,9 @@ async def sweep_bodies(receiver: ReceiverConfig, requests: Iterable[ArrivingBody
         now = time.monotonic()
         for request in list(requests):
             state = request.body_progress()
-            if state is not None and too_slow(receiver, state[0], state[1], now):
+            if state is None:
+                continue
+            if too_slow(receiver, state[0], state[1], now):
                 request.time_out(body_timed_out(now - state[0]))
+            else:
+                request.rest_if_stalled()
