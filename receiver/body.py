@@ -143,10 +143,10 @@ class BodyReader:
 
     def rest_if_stalled(self) -> None:
         """Called once a second (receiver/timeouts.py): a compressed body that received nothing
-        since the last call lets its inflater go (some 40 KB of zlib state and window) until
-        more arrives, when what it holds is inflated again to where it was. A stalled gzip body
+        since the last call lets its inflater go (some 40 KB of zlib state and window, kept even
+        past the stream's end) until more arrives, or the body ends, when what it holds is inflated again to where it was. A stalled gzip body
         then costs what it sent."""
-        if self._seen == self.received and self._inflater is not None and not self._inflater.eof and \
+        if self._seen == self.received and self._inflater is not None and \
                 not (self.too_large or self.over_budget or self._error):
             self._inflater, self._rested = None, True
             if self._budget is not None:
