@@ -57,6 +57,7 @@ class GroupCommitter:
         self._group: list[_Pending] = []
         self._watchdog: asyncio.TimerHandle | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trackrelay-commit")
+        self._closed = False
         # Why the last commit failed, while no commit has succeeded since (what /health says
         # when reads still work but writes do not: a held lock, a full disk, a read-only file).
         self.failing: str | None = None
@@ -68,6 +69,10 @@ class GroupCommitter:
         Waiting is bounded: a commit that hangs becomes a 503 for everyone waiting on it after
         ``timeout`` seconds (see :meth:`_stalled`).
         """
+        if self._closed:
+            # A request read on a kept-alive connection after shutdown closed the writer: a 503
+            # its client retries elsewhere, not a 500 from the thread pool that is gone.
+            raise StoreUnavailable("the receiver is stopping")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._queue.append(_Pending(table, row, future))
@@ -178,4 +183,5 @@ class GroupCommitter:
                 self._write_next(loop)
             assert self._writing is not None
             await asyncio.wait([self._writing])
+        self._closed = True  # no await from here on: nothing can queue behind the last commit
         self._executor.shutdown(wait=True)

@@ -241,3 +241,21 @@ def test_the_receiver_context_gathers_for_commit_gather_ms_while_other_requests_
         assert 0.35 <= waited < 5.0, waited
     else:
         assert waited < 0.35, waited
+
+
+def test_a_row_that_comes_after_close_is_store_unavailable_not_a_thread_pool_error(tmp_path: Path) -> None:
+    """A stopping receiver closes its committer once no request is active, while a kept-alive
+    connection may still deliver one (tests/reliability/test_receiver_kill.py): that request
+    must get a 503 to retry, not a 500 from the executor that was shut down."""
+    store = CountingStore(f"sqlite:///{tmp_path / 'after-close.db'}")
+
+    async def scenario() -> list[object]:
+        committer = GroupCommitter(store)
+        await committer.commit("outbox", outbox_row(b'{"n": 1}'))
+        await committer.close()
+        return await asyncio.gather(committer.commit("outbox", outbox_row(b'{"n": 2}')), return_exceptions=True)
+
+    [late] = asyncio.run(scenario())
+    assert isinstance(late, StoreUnavailable), repr(late)
+    assert store.groups == [1]
+    store.dispose()
