@@ -102,6 +102,8 @@ def hostile_messages(kind: str | None, new_id: Callable[[], str]) -> Iterator[Ho
     yield refused("nested 300 deep", message(kind, new_id(), properties(b'"deep":' + nested(300))))
     yield refused("nested 10k deep", message(kind, new_id(), properties(b'"deep":' + nested(10_000))))
     yield refused("arrays 10k deep", b"[" * 10_000 + b"]" * 10_000)
+    # 200 KB: a single route's 413, parsed (and refused) by the batch and webhook routes.
+    yield refused("arrays 100k deep", message(kind, new_id(), properties(b'"deep":' + b"[" * 100_000 + b"]" * 100_000)))
     yield refused("NaN", message(kind, new_id(), properties(b'"x":NaN')))
     yield refused("Infinity", message(kind, new_id(), properties(b'"x":-Infinity')))
     yield refused("NaN beside a huge number", message(kind, new_id(), properties(b'"x":1e400', b'"y":NaN')))

@@ -35,7 +35,7 @@ from reliability.hostile import (BATCH_PATHS, ENCODINGS, EXACT_NUMBERS, GIF, ING
                                  WEBHOOK_PATHS, route_type, strict_json)
 
 # Read at import: the suite's autouse fixture clears TRACKRELAY_* before each test runs.
-EXAMPLES = int(os.environ.get("TRACKRELAY_FUZZ_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("TRACKRELAY_FUZZ_EXAMPLES", "100"))
 KEY = "fuzz-Key/9+valid="
 ID_FIELDS = ("userId", "anonymousId", "groupId", "previousId", "event", "name")
 COMPARED = ID_FIELDS + ("properties", "traits")

@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import unique_id
+from conftest import RunningReceiver, make_config, unique_id
 from pipeline import exactjson
 from pipeline_harness import Pipeline, ScriptedSink, wait_for, webhook
 from reliability.hostile import (BATCH_PATHS, ENCODINGS, GIF, INGEST_PATHS, PIXEL_PATHS, Hostile, bomb, contains,
@@ -274,3 +274,23 @@ def test_a_number_past_a_doubles_range_keeps_its_text(text: str) -> None:
                                   b'{"anonymousId": "a12e-4567", "t": 1.5e-10, "u": -0.0, "v": "1e-40"}'])
 def test_look_alikes_of_a_tiny_exponent_stay_on_the_fast_path(body: bytes) -> None:
     assert not exactjson.may_lose_digits(body)
+
+
+def test_a_batch_of_50k_empty_messages_is_refused_without_a_5xx(sqlite_url: str,
+                                                                 figures: Callable[[str], None]) -> None:
+    """50,000 invalid messages in a 150 KB batch (a 500 KB one holds 170,000): one 400 listing
+    every one of them (an answer 50x the request: see the figure), and the receiver serves on. (Refused before
+    the store: one backend is enough.)"""
+    receiver = RunningReceiver(make_config(sqlite_url))
+    try:
+        body = b'{"batch":[' + b",".join([b"{}"] * 50_000) + b"]}"
+        started = time.monotonic()
+        response = receiver.post(BATCH_PATHS[0], body)
+        elapsed = time.monotonic() - started
+        assert_clear_refusal(response, "50k empty messages")
+        assert len(response.json()["Errors"]) == 50_000
+        assert receiver.post("/v1/track", {"userId": "u1", "event": "after"}).status_code == 200
+    finally:
+        receiver.stop()
+    figures(f"a batch of 50,000 empty messages ({len(body):,} bytes): 400 in {elapsed:.1f}s, "
+            f"an answer of {len(response.content):,} bytes")
