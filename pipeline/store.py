@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -116,6 +118,10 @@ def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
     synchronous = config.sqlite_synchronous
     timeout_ms = int(config.lock_timeout_seconds * 1000)
 
+    @event.listens_for(engine, "do_connect")
+    def _before_connect(*_: Any) -> None:
+        _wal_files_follow_database(str(url.database or ""))
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None
@@ -133,7 +139,39 @@ def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
         readonly = conn.get_execution_options().get("readonly", False)
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
+    @event.listens_for(engine, "handle_error")
+    def _reopen_when_read_only(context: Any) -> None:
+        # SQLite opens a file it may not write read-only, without an error, and the connection
+        # stays read-only after the file is writable again; the connections of one process
+        # also share one mapping of the -shm file, read-only while any of them opened it so.
+        # As a disconnect, the failing connection is closed and every older one is replaced
+        # at its next checkout: the next writes open the file anew.
+        orig = context.original_exception
+        if isinstance(orig, sqlite3.OperationalError) and orig.sqlite_errorcode & 0xFF == sqlite3.SQLITE_READONLY:
+            # SQLAlchemy leaves a disconnected connection's cursor open, and a statement alive
+            # defers sqlite3's close (files and mapping kept until the garbage collector, which
+            # a serving process runs rarely: pipeline/heap.py).
+            cursor = getattr(context.execution_context, "cursor", None)
+            if cursor is not None:
+                cursor.close()
+            context.is_disconnect = True
+
     return engine
+
+
+def _wal_files_follow_database(path: str) -> None:
+    """SQLite creates a database's -wal and -shm files with the database file's permissions and
+    never changes them: made while the file was read-only, they keep every new connection
+    read-only once the file is writable again. Give them the file's mode back before opening."""
+    try:
+        if not os.access(path, os.W_OK):
+            return
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        for sidecar in (path + "-wal", path + "-shm"):
+            if os.path.exists(sidecar) and not os.access(sidecar, os.W_OK):
+                os.chmod(sidecar, mode)
+    except OSError:
+        pass  # not ours to change (or no file yet): the write fails and is answered 503 as before
 
 
 # Primary result codes (an extended code keeps its primary one in the low byte).
