@@ -37,6 +37,7 @@ class ApiHandler(RequestHandler):
     """CORS on every answer, JSON bodies for every error, collaborators from ``initialize``."""
 
     ctx: ReceiverContext
+    delegated: tuple[str, ...] = ()  # methods that receiver/ingest.py serves on this handler's paths
 
     def initialize(self, ctx: ReceiverContext, **_: Any) -> None:
         self.ctx = ctx
@@ -76,9 +77,17 @@ class ApiHandler(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # Tornado's own errors (404, 405, unexpected exceptions) in the same JSON shape.
         reason = self._reason
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))  # a 405 must say (RFC 9110)
         problem = Problem(f"http_{status_code}", reason, status=status_code, error=reason)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(orjson.dumps(single_error(problem)))
+
+    def allowed_methods(self) -> list[str]:
+        """The methods this path answers: those the handler defines (OPTIONS on browser paths)."""
+        methods = [m for m in ("GET", "HEAD", "POST") if m in self.delegated
+                   or getattr(type(self), m.lower()) is not getattr(RequestHandler, m.lower())]
+        return methods + ["OPTIONS"] if self.request.path.startswith(BROWSER_PATHS) else methods
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if value is not None and getattr(value, "status_code", 500) < 500:
@@ -125,6 +134,8 @@ class MetricsHandler(ApiHandler):
 class IngestPathHandler(ApiHandler):
     """The ingest paths for anything but POST (which :mod:`receiver.ingest` serves): CORS
     preflights, and a JSON 405 for other methods."""
+
+    delegated = ("POST",)
 
 
 class RecordingHandler(ApiHandler):
