@@ -17,6 +17,7 @@ from receiver.bundle import BrowserBundle
 from receiver.context import ReceiverContext
 from receiver.handlers import HealthHandler, IngestPathHandler, MetricsHandler, NotFoundHandler
 from receiver.ingest import IngestRouter, ingest_routes
+from receiver.openapi import OpenApiHandler, openapi_document
 from receiver.pixel import PixelHandler
 
 
@@ -27,6 +28,7 @@ def routes(ctx: ReceiverContext) -> list[tuple[str, type, dict[str, Any]]]:
     table += [
         (r"/v1/m", MetricsHandler, {"ctx": ctx}),
         (r"/health", HealthHandler, {"ctx": ctx}),
+        (r"/openapi\.json", OpenApiHandler, {"ctx": ctx, "document": openapi_document()}),
         (r"/v1/projects/([^/]+)/settings/?", SettingsHandler, {"ctx": ctx}),
         (r"/sourceConfig/?", SourceConfigHandler, {"ctx": ctx}),
     ]
