@@ -5,13 +5,16 @@ describe: every status documented, every content type, body and header as docume
 violating requests refused, undocumented methods answered 405 with ``Allow``.
 
 The run is derandomized (a fixed seed): the same cases every time. Its size is
-``TRACKRELAY_SCHEMATHESIS_EXAMPLES`` examples per operation and phase (default 6); set it higher
+``TRACKRELAY_SCHEMATHESIS_EXAMPLES`` examples per operation for the fuzzing phase (default 6); set it higher
 for a longer run.
 
-The receiver runs in closed mode (one source, one write key) with the first-party bundle served
-from a folder of two small files: schemathesis sends the key as Basic auth, and draws the path's
-and query's ``writeKey`` (and a chunk's name) from a dictionary holding the real one half the
-time, so both the known-key and the unknown-key answers are exercised.
+Two receivers, each with the first-party bundle served from a folder of two small files. On
+SQLite, in open mode, every operation gets schemathesis's coverage phase (boundary and negative
+cases, the same every run) and its fuzzing phase: a request is refused there for its shape only,
+so a document stricter than the server shows at once. On Postgres, in closed mode (one source,
+one key), the fuzzing phase on every operation but the aliases: the key goes as Basic auth, and
+the path's and query's ``writeKey`` (and a chunk's name) are drawn from a dictionary holding the
+real one half the time, so the known-key and unknown-key answers are both exercised.
 
 Not checked: ``positive_data_acceptance`` (that every schema-valid request is accepted). The
 document describes what is refused exactly where JSON Schema can (types, required fields, ids,
