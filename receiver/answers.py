@@ -17,6 +17,7 @@ import orjson
 from pipeline.envelope import Verdict
 from pipeline.messages import Problem
 
+JSON = "application/json; charset=utf-8"
 SUCCESS: dict[str, Any] = {"Success": True}
 SUCCESS_BYTES = orjson.dumps(SUCCESS)
 

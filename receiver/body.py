@@ -32,6 +32,11 @@ BUFFERS_FULL = Problem("buffers_full", "Service unavailable",
 # costs beyond its own bytes is one step, briefly.
 INFLATE_STEP = 64 * 1024
 
+# When to give freed body memory back (BodyBudget.trim_due): request bodies arrive as 64 KB
+# pieces, below glibc's mmap threshold, so their pages stay with the process until trimmed.
+TRIM_AFTER_BYTES = 8 * 1024 * 1024
+TRIM_AFTER_INFLATERS = 100  # each some 40 KB
+
 
 class BodyBudget:
     """Bytes held, in one process, by request bodies still arriving; ``cap`` bounds them."""
@@ -55,6 +60,15 @@ class BodyBudget:
 
     def give(self, size: int) -> None:
         self.held -= size
+
+    def trim_due(self) -> bool:
+        """Whether enough has been let go to be worth giving back to the system: the bytes held
+        fell TRIM_AFTER_BYTES below their peak, or TRIM_AFTER_INFLATERS inflaters were let go
+        (pipeline/heap.py's release_free_memory does it). Resets the marks when it says so."""
+        if self.peak - self.held < TRIM_AFTER_BYTES and self.rested < TRIM_AFTER_INFLATERS:
+            return False
+        self.peak, self.rested = self.held, 0
+        return True
 
 
 class BodyError(Exception):
@@ -144,8 +158,8 @@ class BodyReader:
     def rest_if_stalled(self) -> None:
         """Called once a second (receiver/timeouts.py): a compressed body that received nothing
         since the last call lets its inflater go (some 40 KB of zlib state and window, kept even
-        past the stream's end) until more arrives, or the body ends, when what it holds is inflated again to where it was. A stalled gzip body
-        then costs what it sent."""
+        past the stream's end) until more arrives or the body ends, when what it holds is
+        inflated again to where it was. A stalled gzip body then costs what it sent."""
         if self._seen == self.received and self._inflater is not None and \
                 not (self.too_large or self.over_budget or self._error):
             self._inflater, self._rested = None, True

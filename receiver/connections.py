@@ -49,7 +49,7 @@ from tornado.iostream import IOStream
 from pipeline.config import ReceiverConfig
 from pipeline.logs import Throttled
 from pipeline.messages import Problem
-from receiver.answers import single_error
+from receiver.answers import JSON, single_error
 
 log = logging.getLogger("trackrelay.receiver")
 
@@ -80,11 +80,18 @@ def raw_answer(problem: Problem, retry_after: int = 0) -> bytes:
     """A whole HTTP/1.1 answer that closes the connection, for the moments before Tornado has a
     request to answer through (a head that never finished, a connection past the limit)."""
     body = orjson.dumps(single_error(problem))
-    head = [f"HTTP/1.1 {problem.status} {problem.error}", "Content-Type: application/json; charset=utf-8",
-            f"Content-Length: {len(body)}", "Cache-Control: no-store", "Connection: close"]
-    if retry_after:
-        head.append(f"Retry-After: {retry_after}")
+    head = [f"HTTP/1.1 {problem.status} {problem.error}"]
+    head += [f"{name}: {value}" for name, value in closing_headers(body, retry_after).items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+def closing_headers(body: bytes, retry_after: int = 0) -> dict[str, str]:
+    """The headers of an error answered here, after which the connection closes."""
+    headers = {"Content-Type": JSON, "Content-Length": str(len(body)), "Cache-Control": "no-store",
+               "Connection": "close"}
+    if retry_after:
+        headers["Retry-After"] = str(retry_after)
+    return headers
 
 
 def descriptor_limit() -> int:
@@ -207,9 +214,8 @@ class _HeadCheck(httputil.HTTPMessageDelegate):
             self.refused = True
             problem = url_too_long(self.limit)
             body = orjson.dumps(single_error(problem))
-            answer = HTTPHeaders({"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store",
-                                  "Content-Length": str(len(body)), "Connection": "close"})
-            self.request_conn.write_headers(ResponseStartLine("HTTP/1.1", 414, "URI Too Long"), answer, body)
+            self.request_conn.write_headers(ResponseStartLine("HTTP/1.1", problem.status, problem.error),
+                                            HTTPHeaders(closing_headers(body)), body)
             self.request_conn.finish()
             return None
         return self.inner.headers_received(start_line, headers)
@@ -243,8 +249,6 @@ class GuardedHTTPServer(HTTPServer):
         self.watched: dict[WatchedStream, None] = {}
         self.acceptors: list[_Acceptor] = []
         self.throttled = Throttled(log)
-        self.refused_full = 0
-        self.accept_pauses = 0
         self.sweep_task: asyncio.Task[None] | None = None
 
     # -- accepting ----------------------------------------------------------------------------
@@ -282,14 +286,12 @@ class GuardedHTTPServer(HTTPServer):
         self.handle_stream(stream, address)
 
     def out_of_descriptors(self, exc: OSError) -> None:
-        self.accept_pauses += 1
         freed = self._close_idle(1)
         self.throttled.warning("out_of_descriptors", "event=out_of_descriptors error=%s connections=%d "
                                "closed_idle=%d accepting_again_in=%.1fs", errno.errorcode.get(exc.errno or 0, exc),
                                len(self.watched), freed, ACCEPT_PAUSE_SECONDS)
 
     def _refuse_full(self, connection: socket.socket) -> None:
-        self.refused_full += 1
         self.count(CONNECTIONS_FULL.code)
         self.throttled.warning("too_many_connections", "event=too_many_connections connections=%d limit=%d",
                                len(self.watched), self.limits.max_connections)
@@ -317,13 +319,11 @@ class GuardedHTTPServer(HTTPServer):
 
     def start_request(self, server_conn: Any, request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         delegate = super().start_request(server_conn, request_conn)
-        stream = server_conn.stream
-        if isinstance(stream, WatchedStream):
-            stream.waiting_since, stream.head_started = time.monotonic(), None
-            if self.watched.pop(stream, 0) is None:  # to the back: it has just become idle
-                self.watched[stream] = None
-            return _HeadCheck(delegate, stream, request_conn, self.limits.max_url_bytes)
-        return delegate
+        stream: WatchedStream = server_conn.stream  # every stream is ours: accepted() made it
+        stream.waiting_since, stream.head_started = time.monotonic(), None
+        if self.watched.pop(stream, 0) is None:  # to the back: it has just become idle
+            self.watched[stream] = None
+        return _HeadCheck(delegate, stream, request_conn, self.limits.max_url_bytes)
 
     def on_close(self, server_conn: Any) -> None:
         self.watched.pop(server_conn.stream, None)

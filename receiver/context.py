@@ -69,11 +69,12 @@ class ReceiverContext:
                    budget=BodyBudget(config.receiver.max_buffered_bytes))
 
     def start(self) -> None:
-        """Start the background work of a serving receiver (on the running loop): the body sweep,
-        and the tally that writes what it and the guard counted (always: timeouts are counted
-        whatever else is configured)."""
+        """Start the background work of a serving receiver (on the running loop): the body sweep
+        (timeouts, stalled bodies, memory given back), and the tally that writes what it and the
+        guard counted (always: timeouts are counted whatever else is configured)."""
         self.tally_task = asyncio.ensure_future(self.guard.run_tally(self.committer, self.stopping))
-        self.sweep_task = asyncio.ensure_future(sweep_bodies(self.config.receiver, self.active, self.stopping))
+        self.sweep_task = asyncio.ensure_future(
+            sweep_bodies(self.config.receiver, self.active, self.budget, self.stopping))
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout``) for active requests to be answered, then for the committer."""

@@ -14,7 +14,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from pipeline.messages import Problem
 from pipeline.store import RowRefused, StoreUnavailable
-from receiver.answers import (STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, not_found, retry_after,
+from receiver.answers import (JSON, STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, not_found, retry_after,
                               single_error)
 from receiver.context import ReceiverContext
 from receiver.recording import commit_request, record_rejected
@@ -69,7 +69,7 @@ class ApiHandler(RequestHandler):
     def answer(self, status: int, body: dict[str, Any]) -> None:
         if status != 200:
             self.set_status(status)
-        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Content-Type", JSON)
         if status == 503:
             self.set_header("Retry-After", retry_after(self.ctx.config.receiver.retry_after_seconds))
         self.finish(SUCCESS_BYTES if body is SUCCESS else orjson.dumps(body))
@@ -80,7 +80,7 @@ class ApiHandler(RequestHandler):
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))  # a 405 must say (RFC 9110)
         problem = Problem(f"http_{status_code}", reason, status=status_code, error=reason)
-        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Content-Type", JSON)
         self.finish(orjson.dumps(single_error(problem)))
 
     def allowed_methods(self) -> list[str]:

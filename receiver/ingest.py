@@ -29,8 +29,8 @@ from tornado.web import Application
 from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Refused, judge, open_envelope
 from pipeline.messages import INVALID_WRITE_KEY, MESSAGE_TYPES, Problem
 from pipeline.store import RowRefused, StoreUnavailable
-from receiver.answers import (STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, batch_error, batch_verdicts,
-                              retry_after, single_error)
+from receiver.answers import (JSON, STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, batch_error,
+                              batch_verdicts, retry_after, single_error)
 from receiver.auth import basic_auth_username
 from receiver.body import BUFFERS_FULL, TOO_LARGE, BodyError, BodyReader, encoding_problem
 from receiver.context import ReceiverContext
@@ -42,7 +42,6 @@ log = logging.getLogger("trackrelay.receiver")
 SHORT = {"identify": "i", "track": "t", "page": "p", "screen": "s", "group": "g", "alias": "a"}
 
 SERVER = f"TornadoServer/{tornado.version}"
-JSON = "application/json; charset=utf-8"
 
 # What Tornado's get_query_argument turns into spaces (RequestHandler._remove_control_chars_regex).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0e-\x1f]")
@@ -180,14 +179,9 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         return self.started, self.reader.received
 
     def time_out(self, problem: Problem) -> None:
-        if self.answered:
-            return
-        self.ctx.guard.count("", self.route.route, problem.code)
-        self.ctx.throttled.warning("request_timeout", "event=request_timeout route=%s received=%d",
-                                   self.route.route, self.reader.received)
-        self.answer(problem.status, self.error_body(problem), closing=True)  # then Tornado closes
-        self.reader.release()
-        self.ctx.active.discard(self)
+        if not self.answered:
+            self.refuse_counted(problem, "event=request_timeout route=%s received=%d", self.route.route,
+                                self.reader.received)
 
     def rest_if_stalled(self) -> None:
         self.reader.rest_if_stalled()
@@ -319,13 +313,18 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         self.task.add_done_callback(lambda _: self.ctx.active.discard(self))
 
     def refuse_busy(self) -> None:
-        """The process holds max_buffered_bytes of unfinished bodies: 503, counted, not recorded
-        one by one (it happens to many requests at once, and recording would take memory too)."""
+        """The process holds max_buffered_bytes of unfinished bodies: 503."""
+        self.refuse_counted(BUFFERS_FULL, "event=buffers_full route=%s held=%d cap=%d", self.route.route,
+                            self.ctx.budget.held, self.ctx.budget.cap)
+
+    def refuse_counted(self, problem: Problem, line: str, *args: object) -> None:
+        """Refuse before the body is whole, the connection closing after the answer: counted into
+        the rejected tally and logged at most once a second, not recorded one by one (timeouts
+        and full buffers come to many requests at once, and recording takes memory too)."""
         self.reader.release()
-        self.ctx.guard.count("", self.route.route, BUFFERS_FULL.code)
-        self.ctx.throttled.warning("buffers_full", "event=buffers_full route=%s held=%d cap=%d", self.route.route,
-                                   self.ctx.budget.held, self.ctx.budget.cap)
-        self.answer(BUFFERS_FULL.status, self.error_body(BUFFERS_FULL), closing=True)
+        self.ctx.guard.count("", self.route.route, problem.code)
+        self.ctx.throttled.warning(problem.code, line, *args)
+        self.answer(problem.status, self.error_body(problem), closing=True)  # then Tornado closes
         self.ctx.active.discard(self)
 
     # -- the answer ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
+from receiver.answers import JSON
 from receiver.context import ReceiverContext
 from receiver.handlers import ApiHandler
 
@@ -22,5 +23,5 @@ class OpenApiHandler(ApiHandler):
         self.document = document
 
     def get(self) -> None:
-        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Content-Type", JSON)
         self.finish(self.document)

@@ -13,7 +13,7 @@ from tornado.netutil import bind_sockets
 
 from pipeline import loop as event_loop
 from pipeline.config import Config
-from pipeline.heap import freeze_before_fork, release_free_memory, settle_for_serving
+from pipeline.heap import freeze_before_fork, settle_for_serving
 from pipeline.migrate import current_revision, head_revision, upgrade
 from pipeline.store import Store
 from receiver.answers import retry_after
@@ -117,7 +117,6 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
                                                            receiver.header_timeout_seconds) + 5,
                                body_timeout=receiver.body_timeout_seconds + 5)
     server.add_sockets(sockets)
-    trimmer = asyncio.ensure_future(release_memory_of_bodies(ctx, stop))
     if started is not None:
         started()
     log.info("event=started role=receiver")
@@ -129,7 +128,6 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
         await asyncio.wait_for(server.close_all_connections(), 5)
     except asyncio.TimeoutError:
         pass
-    trimmer.cancel()
     store.dispose()
     log.info("event=stopped role=receiver")
 
@@ -141,20 +139,3 @@ def allow_query_fields(max_url_bytes: int) -> None:
     config = httputil.ParseBodyConfig()
     config.urlencoded.max_arguments = max(config.urlencoded.max_arguments, max_url_bytes // 2 + 1)
     httputil.set_parse_body_config(config)
-
-
-TRIM_EVERY_SECONDS = 5.0
-TRIM_AFTER_BYTES = 8 * 1024 * 1024
-TRIM_AFTER_INFLATERS = 100  # each some 40 KB
-
-
-async def release_memory_of_bodies(ctx: ReceiverContext, stop: asyncio.Event) -> None:
-    """Give back to the system what bodies that stalled and went held: once the bytes held have
-    fallen TRIM_AFTER_BYTES below their peak, or stalled bodies let TRIM_AFTER_INFLATERS
-    inflaters go, the allocator's free pages are returned."""
-    budget = ctx.budget
-    while not stop.is_set():
-        await asyncio.sleep(TRIM_EVERY_SECONDS)
-        if budget.peak - budget.held >= TRIM_AFTER_BYTES or budget.rested >= TRIM_AFTER_INFLATERS:
-            budget.peak, budget.rested = budget.held, 0
-            release_free_memory()

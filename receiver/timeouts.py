@@ -18,7 +18,9 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from pipeline.config import ReceiverConfig
+from pipeline.heap import release_free_memory
 from pipeline.messages import Problem
+from receiver.body import BodyBudget
 
 SWEEP_SECONDS = 1.0
 
@@ -51,8 +53,10 @@ def too_slow(receiver: ReceiverConfig, started: float, received: int, now: float
         received < receiver.body_min_rate_bytes * elapsed
 
 
-async def sweep_bodies(receiver: ReceiverConfig, requests: Iterable[ArrivingBody], stop: asyncio.Event) -> None:
-    """Until ``stop``: every second, time out the bodies that are too slow."""
+async def sweep_bodies(receiver: ReceiverConfig, requests: Iterable[ArrivingBody], budget: BodyBudget,
+                       stop: asyncio.Event) -> None:
+    """Until ``stop``: every second, time out the bodies that are too slow, let the stalled ones
+    rest, and give the memory of the ones gone back to the system when enough went."""
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
@@ -67,3 +71,5 @@ async def sweep_bodies(receiver: ReceiverConfig, requests: Iterable[ArrivingBody
                 request.time_out(body_timed_out(now - state[0]))
             else:
                 request.rest_if_stalled()
+        if budget.trim_due():
+            release_free_memory()
