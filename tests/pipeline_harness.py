@@ -7,6 +7,7 @@ Every wait polls a condition with a deadline; nothing sleeps a fixed time and th
 
 from __future__ import annotations
 
+import socket
 import asyncio
 import itertools
 import json
@@ -39,6 +40,13 @@ ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 # Fast everything: a retry after 50-200 ms, an idle tick every 50 ms, a 2 s lease.
 FAST_WORKER = {"poll_interval_seconds": 0.05, "lease_seconds": 2, "reaper_interval_seconds": 0.5}
 _runs = itertools.count()
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's pick), for a server a test starts itself."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT_SECONDS) -> Any:

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pipeline_harness import free_port
 
 SCRIPT = Path(sys.executable).with_name("trackrelay")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "receiver"]
 WAIT_SECONDS = 30
 _runs = itertools.count()
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Trackrelay:

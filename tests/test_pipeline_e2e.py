@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,7 +24,7 @@ from segment.analytics.client import Client as SegmentClient
 from conftest import unique_id
 from pipeline.messages import parse_timestamp
 from pipeline.normalise import iso_ms
-from pipeline_harness import ISO_MS_Z, Pipeline, Processes, ScriptedSink, wait_for, webhook, write_config
+from pipeline_harness import ISO_MS_Z, Pipeline, Processes, ScriptedSink, free_port, wait_for, webhook, write_config
 
 WRITE_KEY = "ILoveData123"
 TIME_KEYS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
@@ -186,11 +185,6 @@ def test_the_webhook_write_key_override_decides_the_source_and_so_the_destinatio
 
 
 # --- trackrelay run, as real processes ------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_trackrelay_run_receives_and_delivers_in_separate_processes_and_exits_0_on_sigterm(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import pwd
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,11 +37,6 @@ from pipeline_harness import event_ids, wait_for
 SCRIPT = Path(sys.executable).with_name("trackrelay")
 TRACKRELAY = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "receiver"]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -284,6 +278,17 @@ def stored_ids(database_url: str) -> Counter[str]:
     finally:
         engine.dispose()
     return Counter(orjson.loads(bytes(body))["messageId"] for body in bodies)
+
+
+def nothing_lost(load: Load, database_url: str, delivered: Counter[str]) -> tuple[set[str], Counter[str]]:
+    """Every event sent was acknowledged in the end (refused ones are resent), and every one
+    acknowledged is stored and delivered; returns (acked, stored) for the figures."""
+    stored = stored_ids(database_url)
+    acked = load.acked
+    assert acked == load.sent, "an event was never acknowledged"
+    assert acked <= set(stored), f"{len(acked - set(stored))} acknowledged events not stored"
+    assert acked <= set(delivered), f"{len(acked - set(delivered))} acknowledged events not delivered"
+    return acked, stored
 
 
 def delivered_ids(sink: HttpSink) -> Counter[str]:

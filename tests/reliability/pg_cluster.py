@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psycopg
 
-from reliability.outage_load import free_port
+from pipeline_harness import free_port
 
 
 def postgres_bin() -> Path:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -29,16 +28,11 @@ import orjson
 import sqlalchemy as sa
 
 from pipeline.schema import deliveries, outbox
-from pipeline_harness import Database, Process, Processes, wait_for
+from pipeline_harness import Database, Process, Processes, free_port, wait_for
 
 START_SECONDS = 60.0  # a start on a loaded 2-core machine, migrations included
 STARTED = re.compile(r"pid=(\d+) .*event=started role=(receiver|worker)")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def started_processes(folder: Path) -> Iterator[Processes]:

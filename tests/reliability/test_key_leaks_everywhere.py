@@ -25,10 +25,9 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 import httpx
-import pytest
 
 from http_sink import Answer, Recorded
-from pipeline_harness import Database, Processes, ScriptedSink, wait_for, webhook, write_config
+from pipeline_harness import Database, Processes, ScriptedSink, free_port, wait_for, webhook, write_config
 
 VALID = "wk_Sup3r/Secret+Key=9"
 INVALID = "wk_Bogus/Wrong+Key=7"
@@ -114,11 +113,6 @@ RAW = [b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nAuthorizatio
       [b"GET /v1/pixel/track?writeKey=" + quote(k, safe="").encode() + b"\r\n HTTP/1.1\r\nHost: x\r\n\r\n"
        for k in (VALID, INVALID)]
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def raw_answer(port: int, request: bytes) -> bytes:

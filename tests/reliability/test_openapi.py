@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import zipfile
@@ -50,7 +49,7 @@ from openapi_spec_validator import validate
 from conftest import POSTGRES_ADMIN_URL
 from pipeline.config import ReceiverConfig
 from pipeline.migrate import upgrade
-from pipeline_harness import Process, Processes, wait_for, write_config
+from pipeline_harness import Process, Processes, free_port, wait_for, write_config
 from receiver.app import routes
 from receiver.ingest import ingest_routes
 
@@ -159,11 +158,6 @@ def bundle_folder(folder: Path) -> Path:
     (folder / CHUNK).write_text("window.analyticsChunk = 1;\n", encoding="utf-8")
     return folder
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serving(backend: str, url: str, folder: Path, closed: bool) -> Iterator[Live]:

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from http_sink import HttpSink
-from reliability.outage_load import (SETTLE_SECONDS, Load, Trackrelay, by_status, check_answers_while_down, free_port, health,
-                                     stored_ids, wait_answering, wait_delivered, write_config)
+from reliability.outage_load import (SETTLE_SECONDS, Load, Trackrelay, by_status, check_answers_while_down, health,
+                                     nothing_lost, wait_answering, wait_delivered, write_config)
 from reliability.pg_cluster import ThrowawayCluster, throwaway_cluster
-from pipeline_harness import wait_for
+from pipeline_harness import free_port, wait_for
 
 LOCK_TIMEOUT = 1.0
 # README, [database] lock_timeout_seconds: a write waits up to that long for a lock or a
@@ -87,11 +87,7 @@ def test_postgres_outage_under_load(fault: str, cluster: ThrowawayCluster, tmp_p
 
     down, worst = check_answers_while_down(load, down_from, down_until, BOUND + SLACK)
     assert down_health[0] == 503, down_health
-    stored = stored_ids(database_url)
-    acked = load.acked
-    assert acked == load.sent, "an event was never acknowledged"
-    assert acked <= set(stored), f"{len(acked - set(stored))} acknowledged events not stored"
-    assert acked <= set(delivered)
+    acked, stored = nothing_lost(load, database_url, delivered)
     figures(f"{fault}: answers {by_status(load.answers)}; while down {len(down):,} answers, all 503 with "
             f"Retry-After, longest in flight {worst:.2f} s (bound lock_timeout_seconds + 5 = {BOUND:g} s); "
             f"first 200 {recovered:.2f} s after {'SIGCONT' if fault == 'frozen' else 'pg_ctl start'}; "

@@ -32,7 +32,8 @@ import sqlalchemy as sa
 from http_sink import HttpSink
 from pipeline.config import DatabaseConfig
 from pipeline.store import create_store_engine
-from reliability.outage_load import Trackrelay, free_port, run_command, wait_answering, write_config
+from pipeline_harness import free_port
+from reliability.outage_load import Trackrelay, run_command, wait_answering, write_config
 
 REQUESTS = 120
 CLIENTS = 4
