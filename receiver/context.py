@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ReceiverConfig
 from pipeline.logs import Throttled
 from pipeline.sources import SourceRegistry
 from pipeline.store import Store
@@ -49,7 +49,7 @@ class ReceiverContext:
     # Set at shutdown: the body sweep ends, and the tally writes what it counted and ends.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Bytes held by request bodies still arriving (receiver/body.py).
-    budget: BodyBudget = field(default_factory=lambda: BodyBudget(64 * 1024 * 1024))
+    budget: BodyBudget = field(default_factory=lambda: BodyBudget(ReceiverConfig.max_buffered_bytes))
     tally_task: asyncio.Task[None] | None = None
     sweep_task: asyncio.Task[None] | None = None
     # During an outage every request fails the same way: a line a second, not a line a request.
