@@ -119,6 +119,27 @@ class WorkerConfig:
     add_context_ip: bool = True
 
 
+@dataclass(frozen=True)
+class AdminConfig:
+    """The operator console's listener (receiver/admin/): the dashboard, the admin API and
+    ``/metrics``, on a port of its own so nothing there competes with the tracking API's."""
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    # 0 turns the listener off, as enabled = false does.
+    port: int = 8089
+    # Empty: no login, allowed only on a loopback host. Otherwise every route but /metrics and
+    # /health needs "Authorization: Bearer <token>" or the dashboard's login.
+    token: str = ""
+    # prometheus-client's multiprocess folder, shared by the receiver processes and the worker
+    # (each writes its own files). Empty: a fresh private folder per `run`/`serve`; set it to
+    # one folder for a `serve` and a `worker` on the same machine to see both in /metrics.
+    metrics_dir: str = ""
+
+    @property
+    def serving(self) -> bool:
+        return self.enabled and self.port != 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class DestinationSettings:
     """The settings every destination takes, whatever its type."""
@@ -169,7 +190,10 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     sources: tuple[SourceConfig, ...] = ()
     destinations: tuple[DestinationConfig, ...] = ()
+    admin: AdminConfig = field(default_factory=AdminConfig)
     log_level: str = "INFO"
+    # "text": key=value lines (logfmt); "json": one JSON object a line, the same fields.
+    log_format: str = "text"
 
     @property
     def open_mode(self) -> bool:
@@ -177,7 +201,9 @@ class Config:
         return not self.sources
 
 
-SECTIONS: dict[str, type] = {"database": DatabaseConfig, "receiver": ReceiverConfig, "worker": WorkerConfig}
+SECTIONS: dict[str, type] = {"database": DatabaseConfig, "receiver": ReceiverConfig, "worker": WorkerConfig,
+                             "admin": AdminConfig}
+LOG_FORMATS = ("text", "json")
 _CHOICES = {
     ("database", "sqlite_synchronous"): {"FULL", "NORMAL", "EXTRA", "OFF"},
     ("receiver", "partial_success_status"): {200, 207},
@@ -350,7 +376,7 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
             raise ConfigError(f"config file {path}: cannot be read ({exc})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: invalid TOML ({exc})") from None
-    allowed = set(SECTIONS) | {"sources", "destinations", "log_level"}
+    allowed = set(SECTIONS) | {"sources", "destinations", "log_level", "log_format"}
     for key in data:
         if key not in allowed:
             raise ConfigError(f"{key}: unknown section (known: {', '.join(sorted(allowed))})")
@@ -362,6 +388,10 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
         or data.get("log_level", "INFO")
     if not isinstance(log_level, str) or log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    log_format = overrides.get("", {}).get("log_format") or env.get(f"{ENV_PREFIX}LOG_FORMAT") \
+        or data.get("log_format", "text")
+    if not isinstance(log_format, str) or log_format.lower() not in LOG_FORMATS:
+        raise ConfigError(f"log_format: must be text or json, got {log_format!r}")
     destinations = _build_destinations(data.get("destinations", []))
     sources = _build_sources(data.get("sources", []))
     known = {d.name for d in destinations}
@@ -370,8 +400,10 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
             if name not in known:
                 raise ConfigError(f"[[sources]] {source.name} destinations: no destination named {name!r} "
                                   f"(configured: {', '.join(sorted(known)) or 'none'})")
-    config = Config(sources=sources, destinations=destinations, log_level=log_level.upper(), **sections)
+    config = Config(sources=sources, destinations=destinations, log_level=log_level.upper(),
+                    log_format=log_format.lower(), **sections)
     _check_limits(config.receiver)
+    _check_admin(config.admin)
     _check_worker(config.worker)
     return config
 
@@ -433,6 +465,27 @@ def _check_destination(dest: DestinationConfig, where: str) -> None:
         raise ConfigError(f"{where} claim_size: must be at least batch_size")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is only reachable from this machine."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_admin(admin: AdminConfig) -> None:
+    if admin.port > 65535:
+        raise ConfigError("[admin] port: must be at most 65535")
+    if admin.serving and not admin.token and not is_loopback(admin.host):
+        raise ConfigError(f"[admin] host: {admin.host!r} is not a loopback address and no [admin] token is set: "
+                          "the console can replay and discard deliveries, so set a token "
+                          "(TRACKRELAY_ADMIN_TOKEN) or listen on 127.0.0.1")
+
+
 def _check_worker(worker: WorkerConfig) -> None:
     if worker.lease_seconds < 1:
         raise ConfigError("[worker] lease_seconds: must be at least 1 (a claim is leased, and renewed, "
@@ -479,6 +532,7 @@ def settings_help() -> str:
             default = f.default if f.default is not dataclasses.MISSING else None
             lines.append(f"  [{name}] {f.name:<24} {env_name(name, f.name):<44} default {default!r}")
     lines.append(f"  log_level{'':<24} {ENV_PREFIX + 'LOG_LEVEL':<44} default 'INFO'")
+    lines.append(f"  log_format{'':<23} {ENV_PREFIX + 'LOG_FORMAT':<44} default 'text'")
     return "\n".join(lines)
 
 

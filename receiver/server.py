@@ -17,6 +17,7 @@ from pipeline.heap import freeze_before_fork, settle_for_serving
 from pipeline.migrate import current_revision, head_revision, upgrade
 from pipeline.store import Store
 from receiver.answers import retry_after
+from receiver.admin.server import start_console
 from receiver.app import make_router
 from receiver.connections import ConnectionLimits, GuardedHTTPServer, descriptor_limit
 from receiver.context import ReceiverContext
@@ -61,40 +62,57 @@ def serve(config: Config, migrate: bool = False, with_worker: bool = False) -> i
     prepare_database(config, migrate)
     receiver = config.receiver
     sockets = bind_sockets(receiver.port, receiver.host)
+    admin = bind_sockets(config.admin.port, config.admin.host) if config.admin.serving else []
     log.info("event=listening host=%s port=%d processes=%d worker=%s database=%s", receiver.host,
              receiver.port, receiver.processes, with_worker, config.database.url.split("://")[0])
+    if admin:
+        url = console_url(config.admin.host, admin[0].getsockname()[1])
+        log.info("event=console_listening url=%s token=%s", url, "set" if config.admin.token else "none")
+        print(f"trackrelay: console and /metrics at {url}", flush=True)
     if receiver.processes == 1 and not with_worker:
-        return run_receiver(config, sockets)
+        return run_receiver(config, sockets, admin)
     freeze_before_fork()
-    targets = [lambda: run_receiver(config, sockets)] * receiver.processes
+    # Exactly one process serves the console; the others close its socket.
+    targets = [lambda: run_receiver(config, sockets, admin)]
+    targets += [lambda: run_receiver(config, sockets, _closed(admin))] * (receiver.processes - 1)
     if with_worker:
-        targets.append(lambda: _worker_process(config, sockets))
+        targets.append(lambda: _worker_process(config, sockets + admin))
     return supervise(targets)
 
 
-def _worker_process(config: Config, sockets: list[socket]) -> int:
+def console_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/"
+
+
+def _closed(sockets: list[socket]) -> list[socket]:
     for sock in sockets:
-        sock.close()  # the worker does not serve HTTP
+        sock.close()
+    return []
+
+
+def _worker_process(config: Config, sockets: list[socket]) -> int:
+    _closed(sockets)  # the worker does not serve HTTP
     return run_worker(config)
 
 
-def run_receiver(config: Config, sockets: list[socket]) -> int:
+def run_receiver(config: Config, sockets: list[socket], admin_sockets: list[socket] | None = None) -> int:
     async def until_signalled() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve_until(config, sockets, stop, started=settle_for_serving)
+        await serve_until(config, sockets, stop, started=settle_for_serving, admin_sockets=admin_sockets)
         return 0
 
     return event_loop.run(until_signalled())
 
 
 async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event,
-                      started: Callable[[], None] | None = None) -> None:
-    """Serve on ``sockets`` until ``stop`` is set, then finish in-flight commits and return.
-    ``started`` is called once the server accepts connections (a process settles its heap
-    then: pipeline/heap.py)."""
+                      started: Callable[[], None] | None = None, admin_sockets: list[socket] | None = None) -> None:
+    """Serve on ``sockets`` (and the console on ``admin_sockets``) until ``stop`` is set, then
+    finish in-flight commits and return. ``started`` is called once the server accepts
+    connections (a process settles its heap then: pipeline/heap.py)."""
     receiver = config.receiver
     store = Store.open(config.database)
     ctx = ReceiverContext.create(config, store)
@@ -117,12 +135,15 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
                                                            receiver.header_timeout_seconds) + 5,
                                body_timeout=receiver.body_timeout_seconds + 5)
     server.add_sockets(sockets)
+    console = start_console(ctx, admin_sockets) if admin_sockets else None
     if started is not None:
         started()
     log.info("event=started role=receiver")
     await stop.wait()
     log.info("event=stopping role=receiver in_flight=%d", len(ctx.active))
     server.stop()
+    if console is not None:
+        await console.stop()
     await ctx.drain(SHUTDOWN_GRACE_SECONDS)
     try:
         await asyncio.wait_for(server.close_all_connections(), 5)

@@ -38,6 +38,12 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("TRACKRELAY_") and name != "TRACKRELAY_TEST_POSTGRES_URL":
             monkeypatch.delenv(name)
+    # The console's default port is fixed (8089): servers started by tests run without it, so
+    # that two at once do not collide. The console's own tests set their port (CONSOLE_OFF).
+    from pipeline_harness import CONSOLE_OFF  # (it imports this module)
+
+    monkeypatch.setenv(*CONSOLE_OFF)
+
 
 
 def _admin_engine() -> sa.Engine:

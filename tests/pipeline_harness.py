@@ -41,6 +41,11 @@ ISO_MS_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 FAST_WORKER = {"poll_interval_seconds": 0.05, "lease_seconds": 2, "reaper_interval_seconds": 0.5}
 _runs = itertools.count()
 
+# The console's default port is fixed (8089): trackrelay processes started by tests run
+# without it (conftest sets this for every test; helpers that start trackrelay with a clean
+# environment keep it), so that two at once do not collide. The console's tests set their own.
+CONSOLE_OFF = ("TRACKRELAY_ADMIN_PORT", "0")
+
 
 def free_port() -> int:
     """A port nothing listens on now (the kernel's pick), for a server a test starts itself."""

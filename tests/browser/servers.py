@@ -20,7 +20,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler, StaticFileHandler
 
-from pipeline_harness import Process, Processes, wait_for, write_config
+from pipeline_harness import CONSOLE_OFF, Process, Processes, wait_for, write_config
 
 START_SECONDS = 30.0
 # The write keys of the relays' sources: one per test, so that no test sees another's events or
@@ -119,6 +119,7 @@ class Relay:
         with pytest.MonkeyPatch.context() as env:  # the relay sees no TRACKRELAY_* of the shell
             for name in [n for n in os.environ if n.startswith("TRACKRELAY_")]:
                 env.delenv(name)
+            env.setenv(*CONSOLE_OFF)
             self.process: Process = self._processes.start("run", "--config", str(self.config_path))
         try:
             wait_for(self._healthy, f"trackrelay to answer {self.url}/health", START_SECONDS)

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from http_sink import HttpSink
 from pipeline.config import DatabaseConfig
 from pipeline.store import create_store_engine
-from pipeline_harness import event_ids, wait_for
+from pipeline_harness import CONSOLE_OFF, event_ids, wait_for
 
 SCRIPT = Path(sys.executable).with_name("trackrelay")
 TRACKRELAY = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "receiver"]
@@ -89,7 +89,7 @@ class Trackrelay:
 
     def __init__(self, command: str, config: Path, log: Path, prefix: Sequence[str] = ()) -> None:
         self.log_path = log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")} | dict([CONSOLE_OFF])
         with open(log, "wb") as stderr:
             self.popen = subprocess.Popen([*prefix, *TRACKRELAY, command, "--config", str(config)],
                                           cwd=config.parent, env=env, stdout=stderr, stderr=subprocess.STDOUT,
@@ -116,7 +116,7 @@ class Trackrelay:
 
 def run_command(command: str, config: Path, prefix: Sequence[str] = ()) -> None:
     """``trackrelay migrate`` and the like: must exit 0 within a minute."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")} | dict([CONSOLE_OFF])
     done = subprocess.run([*prefix, *TRACKRELAY, command, "--config", str(config)], cwd=config.parent, env=env,
                           capture_output=True, timeout=60)
     assert done.returncode == 0, f"trackrelay {command} exited {done.returncode}: {done.stderr.decode()[-2000:]}"
