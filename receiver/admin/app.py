@@ -10,6 +10,7 @@ from tornado.web import Application
 
 from receiver.admin.access import AdminHandler, SESSION_COOKIE, SESSION_HOURS, bearer_matches, session_secret
 from receiver.admin.context import AdminContext
+from receiver.admin.metrics import metrics_routes
 
 HERE = Path(__file__).parent
 
@@ -68,6 +69,7 @@ def routes(ctx: AdminContext) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/login", LoginHandler, args),
         (r"/logout", LogoutHandler, args),
     ]
+    table += metrics_routes(ctx)
     return table
 
 
