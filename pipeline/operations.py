@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -15,6 +17,8 @@ from pipeline.normalise import StoredRequest
 from pipeline.queue import lease_running
 from pipeline.schema import deliveries, events, outbox, rejected
 from pipeline.store import Store, now_ms
+
+log = logging.getLogger("trackrelay.replay")
 
 HOUR_MS = 3_600_000
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -88,12 +92,19 @@ def status(store: Store, config: Config) -> Status:
     return result
 
 
-def replay_deliveries(store: Store, destination: str, state: str = "dead", since_ms: int | None = None,
-                      until_ms: int | None = None, message_type: str | None = None, dry_run: bool = False) -> int:
-    """Put matching deliveries back to pending with fresh attempts; return how many."""
+def replay_deliveries(store: Store, destination: str | None, state: str | None = "dead", since_ms: int | None = None,
+                      until_ms: int | None = None, message_type: str | None = None, dry_run: bool = False,
+                      ids: Sequence[int] | None = None, by: str = "cli") -> int:
+    """Put matching deliveries back to pending with fresh attempts; return how many. ``ids``
+    narrows the match to those deliveries (the console's selection); ``state`` None means dead
+    or pending. Every replay is logged with its filters (``by`` says who asked)."""
     now = now_ms()
-    conditions = [deliveries.c.destination == destination, deliveries.c.state == state]
-    if state == "pending":
+    conditions = [deliveries.c.state.in_(["dead", "pending"]) if state is None else deliveries.c.state == state]
+    if destination is not None:
+        conditions.append(deliveries.c.destination == destination)
+    if ids is not None:
+        conditions.append(deliveries.c.id.in_(list(ids)))
+    if state in ("pending", None):
         # Never reset a delivery a worker holds: its result would be lost and the event sent twice.
         conditions.append(~lease_running(now))
     event_conditions = []
@@ -107,10 +118,16 @@ def replay_deliveries(store: Store, destination: str, state: str = "dead", since
         conditions.append(deliveries.c.event_id.in_(select(events.c.id).where(*event_conditions)))
     with store.engine.begin() as conn:
         if dry_run:
-            return conn.execute(select(func.count()).select_from(deliveries).where(*conditions)).scalar_one()
-        return conn.execute(update(deliveries).where(*conditions).values(
-            state="pending", attempts=0, created_at_ms=now, next_attempt_at_ms=now, locked_until_ms=None,
-            locked_by=None, finished_at_ms=None)).rowcount
+            count = conn.execute(select(func.count()).select_from(deliveries).where(*conditions)).scalar_one()
+        else:
+            count = conn.execute(update(deliveries).where(*conditions).values(
+                state="pending", attempts=0, created_at_ms=now, next_attempt_at_ms=now, locked_until_ms=None,
+                locked_by=None, finished_at_ms=None)).rowcount
+    # The command prints its own line; the console's replays are logged for the operators.
+    log.log(logging.DEBUG if by == "cli" else logging.INFO, "event=replay by=%s destination=%s state=%s since=%s until=%s type=%s ids=%s dry_run=%s matched=%d",
+             by, destination or "*", state or "dead|pending", since_ms, until_ms, message_type or "*",
+             len(ids) if ids is not None else "-", dry_run, count)
+    return count
 
 
 def replay_outbox(store: Store, config: Config, destination: str, since_ms: int, until_ms: int | None = None,

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tornado.web import Application
+from tornado.web import Application, HTTPError
 
 from receiver.admin.access import AdminHandler, SESSION_COOKIE, SESSION_HOURS, bearer_matches, session_secret
+from receiver.admin.api import api_routes
 from receiver.admin.context import AdminContext
+from receiver.admin.live import LiveApi
 from receiver.admin.metrics import metrics_routes
 
 HERE = Path(__file__).parent
@@ -54,6 +56,12 @@ class LogoutHandler(AdminHandler):
         self.redirect("/login" if self.token else "/", status=303)
 
 
+class NotFoundHandler(AdminHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        raise HTTPError(404, reason=f"no console route {self.request.path}")
+
+
 def safe_next(target: str) -> str:
     """Where to go after logging in: a path on this listener only (never another site)."""
     parts = urlsplit(target)
@@ -69,6 +77,7 @@ def routes(ctx: AdminContext) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/login", LoginHandler, args),
         (r"/logout", LogoutHandler, args),
     ]
+    table += api_routes(args) + [(r"/api/live", LiveApi, args)]
     table += metrics_routes(ctx)
     return table
 
@@ -80,6 +89,8 @@ def make_admin_app(ctx: AdminContext) -> Application:
         template_path=str(HERE / "templates"),
         static_path=str(HERE / "static"),
         login_url="/login",
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"ctx": ctx},
         xsrf_cookies=True,
         xsrf_cookie_kwargs={"httponly": True, "samesite": "Strict"},
         # Without a token nothing is signed that matters; a fixed key keeps Tornado content.

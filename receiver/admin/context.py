@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.config import Config
 from pipeline.store import Store
@@ -19,6 +20,8 @@ class AdminContext:
     # Its own pool: a console query never takes a connection the receiver's commits need.
     store: Store
     started_at: float = field(default_factory=time.time)
+    # The live events feed (receiver/admin/live.py), made when the console starts.
+    live: Any = None
 
     @property
     def config(self) -> Config:

@@ -9,6 +9,7 @@ from tornado.httpserver import HTTPServer
 
 from receiver.admin.app import make_admin_app
 from receiver.admin.context import AdminContext
+from receiver.admin.live import LiveFeed
 from receiver.context import ReceiverContext
 
 
@@ -20,6 +21,7 @@ class Console:
         """Stop accepting, end open console connections (a live stream would hold one for
         ever), and give the pool back."""
         self.server.stop()
+        await self.ctx.live.close()
         try:
             await asyncio.wait_for(self.server.close_all_connections(), 2)
         except asyncio.TimeoutError:
@@ -29,6 +31,7 @@ class Console:
 
 def start_console(receiver: ReceiverContext, sockets: list[socket]) -> Console:
     ctx = AdminContext.create(lambda: receiver.config)
+    ctx.live = LiveFeed(ctx.store)
     server = HTTPServer(make_admin_app(ctx), xheaders=False, idle_connection_timeout=60, body_timeout=30,
                         max_body_size=1024 * 1024)
     server.add_sockets(sockets)
