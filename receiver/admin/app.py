@@ -13,6 +13,7 @@ from receiver.admin.api import api_routes
 from receiver.admin.context import AdminContext
 from receiver.admin.live import LiveApi
 from receiver.admin.metrics import metrics_routes
+from receiver.admin.pages import page_routes
 
 HERE = Path(__file__).parent
 
@@ -77,7 +78,7 @@ def routes(ctx: AdminContext) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/login", LoginHandler, args),
         (r"/logout", LogoutHandler, args),
     ]
-    table += api_routes(args) + [(r"/api/live", LiveApi, args)]
+    table += api_routes(args) + [(r"/api/live", LiveApi, args)] + page_routes(args)
     table += metrics_routes(ctx)
     return table
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -211,9 +212,12 @@ def matching_delivery_ids(store: Store, f: DeliveryFilter, cap: int) -> list[int
 
 # -- one event ------------------------------------------------------------------------------
 
-def event_detail(store: Store, config: Config, message_id: str, source: str | None) -> dict[str, Any] | None:
+def event_detail(store: Store, config: Config, message_id: str, source: str | None,
+                 payload_as: Callable[[bytes], Any] = orjson.Fragment) -> dict[str, Any] | None:
     """The stored event of ``message_id`` (in ``source``, else in any configured source), its
-    raw request as received with write keys masked, and its deliveries; None if not found."""
+    raw request as received with write keys masked, and its deliveries; None if not found.
+    The payload is ``payload_as(its stored bytes)``: by default a Fragment, which JSON
+    answers embed as those very bytes (numbers keep their digits)."""
     sources = [source] if source is not None else [s.name for s in config.sources] or ["default"]
     now = now_ms()
     with store.engine.connect().execution_options(readonly=True) as conn:
@@ -230,8 +234,7 @@ def event_detail(store: Store, config: Config, message_id: str, source: str | No
     return {
         "event": {"id": row.id, "source": row.source, "message_id": row.message_id, "type": row.type,
                   "event": row.event_name, "user_id": row.user_id, "received_at": iso(row.received_at_ms),
-                  # The payload's own bytes: numbers keep the digits they were stored with.
-                  "payload": orjson.Fragment(row.payload)},
+                  "payload": payload_as(row.payload)},
         "request": None if request is None else {
             "id": request.id, "route": request.route, "received_at": iso(request.received_at_ms),
             "remote_addr": request.remote_addr, "user_agent": request.user_agent,
