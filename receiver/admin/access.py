@@ -60,6 +60,7 @@ class AdminHandler(RequestHandler):
 
     ctx: AdminContext
     public = False  # /metrics and /health: readable by a scraper without the token
+    section = ""  # the dashboard section a page belongs to (its navigation link is marked)
 
     def initialize(self, ctx: AdminContext, **_: Any) -> None:
         self.ctx = ctx
@@ -72,6 +73,11 @@ class AdminHandler(RequestHandler):
         # Every script and style is ours; nothing inline runs, nothing is fetched elsewhere.
         self.set_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
                         "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+    def get_template_namespace(self) -> dict[str, Any]:
+        namespace = super().get_template_namespace()
+        namespace.update(section=self.section, token_set=bool(self.token))
+        return namespace
 
     @property
     def token(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +25,8 @@ class HealthHandler(AdminHandler):
     public = True
 
     def get(self) -> None:
-        self.answer_json({"status": "ok"})
+        # The pid says which process serves the console (one of --processes N).
+        self.answer_json({"status": "ok", "pid": os.getpid()})
 
 
 class LoginHandler(AdminHandler):

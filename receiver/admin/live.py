@@ -7,6 +7,9 @@ half second (on a thread, on the console's own pool) reads the events stored sin
 (with their deliveries: the worker writes both in one transaction) and the deliveries of the
 last ``TRACKED_EVENTS`` events shown, and sends what changed. Nobody watching: no queries.
 
+What it shows is sampled once a poll: a delivery retried and failed again within one poll shows
+its latest state (its attempts count says how many went before).
+
 Bounds: a poll takes at most ``EVENTS_PER_POLL`` new events; when more arrived it skips to the
 newest and says how many were not shown (a debugger shows a sample under load, it does not fall
 behind). Each reader has a queue of ``QUEUE_MESSAGES``; a reader whose queue is full, or whose
@@ -211,8 +214,9 @@ class LiveApi(ApiHandler):
                     data = await asyncio.wait_for(reader.queue.get(), HEARTBEAT_SECONDS)
                 except asyncio.TimeoutError:
                     data = b": heartbeat\n\n"
-                if data is None:
-                    break
+                if data is None:  # dropped, or the console is stopping: the connection goes
+                    self.request.connection.stream.close()
+                    return
                 await self._send(data)
         except StreamClosedError:
             return  # gone
@@ -222,7 +226,6 @@ class LiveApi(ApiHandler):
             return
         finally:
             feed.leave(reader)
-        self.finish()
 
     async def _send(self, data: bytes) -> None:
         self.write(data)

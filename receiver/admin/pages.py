@@ -36,11 +36,9 @@ def pretty(value: Any) -> str:
 
 
 class PageHandler(AdminHandler):
-    section = ""
-
     def get_template_namespace(self) -> dict[str, Any]:
         namespace = super().get_template_namespace()
-        namespace.update(section=self.section, token_set=bool(self.token), pretty=pretty, quote=quote, when=when,
+        namespace.update(pretty=pretty, quote=quote, when=when,
                          urlencode=urlencode, config=self.ctx.config)
         return namespace
 
