@@ -19,6 +19,7 @@ from sqlalchemy import Connection, select, tuple_, update
 from sqlalchemy.exc import DBAPIError
 
 from pipeline.config import Config
+from pipeline.metrics import count_refused_items, count_refused_request
 from pipeline.normalise import DecodedEvent, Expansion, StoredRequest, expand
 from pipeline.routing import Router
 from pipeline.schema import events, outbox, rejected
@@ -123,6 +124,7 @@ class Decoder:
             with self.store.engine.begin() as conn:
                 result = self._store_expansions(conn, expanded, only_destination=None)
                 self._mark(conn, [r for r, _ in expanded], "done")
+            count_refused_items(item.problem.code for _, x in expanded for item in x.refused)
             return replace(result, more=more)
         with self.store.engine.begin() as conn:
             # Several workers may share a Postgres database: each takes rows nobody holds.
@@ -135,6 +137,7 @@ class Decoder:
             del requests
             result = self._store_expansions(conn, expanded, only_destination=None)
             self._mark(conn, [r for r, _ in expanded], "done")
+        count_refused_items(item.problem.code for _, x in expanded for item in x.refused)  # once committed
         return replace(result, more=more)
 
     def _expand_within_budget(self, requests: list[StoredRequest], limit: int
@@ -168,6 +171,7 @@ class Decoder:
                 received_at_ms=row.received_at_ms, route=row.route, source=None, status=500, code="decode_failed",
                 reason=f"outbox row {row.id} could not be stored: {_described(exc)}"[:2000],
                 raw=row.body[: self.config.receiver.rejected_raw_bytes], remote_addr=row.remote_addr))
+        count_refused_request("decode_failed")
         log.error("event=decode_row_failed outbox_id=%d error=%r", row.id, _described(exc))
         return row.id
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 
 from pipeline.config import DestinationConfig
 from pipeline.destinations.base import Destination, Event, Outcome, retry
 from pipeline.logs import Throttled
+from pipeline.metrics import count_attempts
 from pipeline.queue import Claimed, DeliveryQueue
 from pipeline.retry import DEAD, BackoffPolicy
 from pipeline.store import now_ms, short_error
@@ -77,6 +79,9 @@ class DestinationRunner:
             decisions = [(c.id, self.policy.decide(o, c.attempts, c.created_at_ms, now))
                          for c, o in zip(claimed, outcomes)]
             await asyncio.to_thread(self.queue.record, claimed[0].lease, decisions)
+            count_attempts(self.config.name, [(o.kind, d.state, c.event.get("receivedAt"))
+                                              for c, o, (_, d) in zip(claimed, outcomes, decisions)],
+                           datetime.now(timezone.utc))
             dead = [(c, d) for c, (_, d) in zip(claimed, decisions) if d.state == DEAD]
             for item, decision in dead[:5]:
                 self.throttled.warning("delivery_dead",

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.config import Config, ConfigError, load_config, settings_help
 from pipeline.messages import MESSAGE_TYPES
 from pipeline.logs import configure_logging
+from pipeline.metrics import metrics_folder
 from pipeline.migrate import current_revision, upgrade
 from pipeline.store import Store
 from pipeline.worker import run_worker
@@ -106,8 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status_command(config, args) if args.command == "status" else replay_command(config, args)
         if args.command == "worker":
             check_database(config)
-            return run_worker(config)
-        return serve(config, migrate=args.command == "run", with_worker=args.command == "run")
+            with metrics_folder(config.admin.metrics_dir, private=False):
+                return run_worker(config)
+        # Chosen before the fork: every receiver process and the worker write to this folder.
+        with metrics_folder(config.admin.metrics_dir, private=config.admin.serving):
+            return serve(config, migrate=args.command == "run", with_worker=args.command == "run")
     except DatabaseBehind as exc:
         print(f"trackrelay: {exc}", file=sys.stderr)
         return 1

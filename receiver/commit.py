@@ -39,7 +39,8 @@ class GroupCommitter:
 
     def __init__(self, store: Store, max_rows: int = 500, timeout: float = 10.0,
                  on_commit: Callable[[], None] | None = None, gather_seconds: float = 0.0,
-                 in_progress: Callable[[], int] | None = None) -> None:
+                 in_progress: Callable[[], int] | None = None,
+                 observe: Callable[[float, int], None] | None = None) -> None:
         """``in_progress`` counts the requests read and not yet answered (being judged, or
         waiting here); with ``gather_seconds`` > 0 a commit waits for the others to queue."""
         if gather_seconds and in_progress is None:
@@ -56,6 +57,9 @@ class GroupCommitter:
         self._writing: asyncio.Future[None] | None = None
         self._group: list[_Pending] = []
         self._watchdog: asyncio.TimerHandle | None = None
+        # Told each group commit's duration and rows, on the event loop (for /metrics).
+        self._observe = observe
+        self._write_started = 0.0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trackrelay-commit")
         self._closed = False
         # Why the last commit failed, while no commit has succeeded since (what /health says
@@ -102,6 +106,7 @@ class GroupCommitter:
             self._gather_timer = None
         group, self._queue = self._queue[: self._max_rows], self._queue[self._max_rows:]
         self._group = group
+        self._write_started = loop.time()
         self._writing = loop.run_in_executor(self._executor, self._write, group)
         self._writing.add_done_callback(lambda done: self._settle(loop, group, done))
         # One watchdog per commit, not a timer per request: the hot path stays lean.
@@ -162,6 +167,8 @@ class GroupCommitter:
                 pending.future.set_exception(outcome)
         self._writing = None
         self._group = []
+        if self._observe is not None:
+            self._observe(loop.time() - self._write_started, len(group))
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

@@ -14,6 +14,7 @@ from pipeline.store import Store
 from pipeline.wakeup import SqliteSignal, outbox_signal
 from receiver.body import BodyBudget
 from receiver.commit import GroupCommitter
+from receiver.counts import RequestCounts
 from receiver.cors import CorsPolicy
 from receiver.guard import BrowserGuard
 from receiver.timeouts import sweep_bodies
@@ -51,6 +52,9 @@ class ReceiverContext:
     # Bytes held by request bodies still arriving (receiver/body.py).
     budget: BodyBudget = field(default_factory=lambda: BodyBudget(ReceiverConfig.max_buffered_bytes))
     tally_task: asyncio.Task[None] | None = None
+    # Requests, messages and refusals counted for /metrics (folded into them once a second).
+    counts: RequestCounts = field(default_factory=RequestCounts)
+    counts_task: asyncio.Task[None] | None = None
     sweep_task: asyncio.Task[None] | None = None
     # During an outage every request fails the same way: a line a second, not a line a request.
     throttled: Throttled = field(default_factory=lambda: Throttled(logging.getLogger("trackrelay.receiver")))
@@ -59,14 +63,15 @@ class ReceiverContext:
     def create(cls, config: Config, store: Store) -> ReceiverContext:
         signal = outbox_signal(config.database.url)
         judging = Judging()
+        counts = RequestCounts()
         committer = GroupCommitter(store, max_rows=config.receiver.commit_max_rows,
                                    timeout=config.database.lock_timeout_seconds + 5,
                                    on_commit=signal.send if signal is not None else None,
-                                   gather_seconds=config.receiver.commit_gather_ms / 1000, in_progress=judging)
+                                   gather_seconds=config.receiver.commit_gather_ms / 1000, in_progress=judging, observe=counts.committed)
         cors = CorsPolicy(config)
         return cls(config=config, store=store, committer=committer, sources=SourceRegistry(config.sources),
-                   wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors),
-                   budget=BodyBudget(config.receiver.max_buffered_bytes))
+                   wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors, counts.refused),
+                   budget=BodyBudget(config.receiver.max_buffered_bytes), counts=counts)
 
     def start(self) -> None:
         """Start the background work of a serving receiver (on the running loop): the body sweep
@@ -75,6 +80,8 @@ class ReceiverContext:
         self.tally_task = asyncio.ensure_future(self.guard.run_tally(self.committer, self.stopping))
         self.sweep_task = asyncio.ensure_future(
             sweep_bodies(self.config.receiver, self.active, self.budget, self.stopping))
+        self.counts.in_progress = lambda: len(self.active)
+        self.counts_task = asyncio.ensure_future(self.counts.run(self.stopping))
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout``) for active requests to be answered, then for the committer."""
@@ -88,6 +95,9 @@ class ReceiverContext:
         if self.tally_task is not None:
             await self.tally_task  # its last rows go in before the committer closes
         await self.committer.close()
+        if self.counts_task is not None:
+            await self.counts_task
+            self.counts.fold()  # the commits close() waited for
         if self.wakeup is not None:
             self.wakeup.close()  # after the committer: its last commits still wake the worker
             self.wakeup = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pipeline.config import Config
@@ -59,8 +59,9 @@ def rate_limited(source: str) -> Problem:
 
 
 class BrowserGuard:
-    def __init__(self, config: Config, cors: CorsPolicy) -> None:
+    def __init__(self, config: Config, cors: CorsPolicy, refused: Callable[[str], None] = lambda code: None) -> None:
         self.cors = cors
+        self.refused = refused  # counts every refusal tallied here, by code, for /metrics
         self.sources = {s.name: s for s in config.sources}
         self.limiter = RateLimiter(config.sources)
         self.tally = RefusalTally()
@@ -97,6 +98,7 @@ class BrowserGuard:
     def count(self, source: str, route: str, code: str) -> None:
         """Count a refusal of a kind in TALLIED into the next tally rows."""
         self.tally.add(source, route, code, now_ms())
+        self.refused(code)
 
     async def write_tally(self, committer: GroupCommitter) -> None:
         """One `rejected` row per source, route and kind for the refusals counted."""

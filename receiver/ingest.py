@@ -17,6 +17,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -26,7 +27,7 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine, R
 from tornado.routing import Router
 from tornado.web import Application
 
-from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Refused, judge, open_envelope
+from pipeline.envelope import BATCH, SINGLE, WEBHOOK, Refused, Verdict, judge, open_envelope
 from pipeline.messages import INVALID_WRITE_KEY, MESSAGE_TYPES, Problem
 from pipeline.store import RowRefused, StoreUnavailable
 from receiver.answers import (JSON, STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, SUCCESS_BYTES, batch_error,
@@ -34,6 +35,7 @@ from receiver.answers import (JSON, STORE_REFUSED, STORE_UNAVAILABLE, SUCCESS, S
 from receiver.auth import basic_auth_username
 from receiver.body import BUFFERS_FULL, TOO_LARGE, BodyError, BodyReader, encoding_problem
 from receiver.context import ReceiverContext
+from receiver.counts import ACCEPTED, REJECTED
 from receiver.recording import commit_request, record_rejected
 
 log = logging.getLogger("trackrelay.receiver")
@@ -240,22 +242,25 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         if accepted and (self.ctx.guard.active or self.ctx.cors.restricted):
             self.sources = list(dict.fromkeys(v.source or "" for v in accepted))
             if self.ctx.guard.active and await self.guarded(self.sources, body):
+                self.ctx.counts.messages_of((v.source for v in verdicts), REJECTED)
                 return
         if not self.batch_format:
             if not accepted:
                 problem = verdicts[0].problem
                 assert problem is not None
-                return await self.refuse(problem, body)
+                return await self.refuse(problem, body, verdicts=verdicts)
             if await self.commit(body, accepted[0].source or "", auth_key, override_key):
+                self.ctx.counts.message(accepted[0].source, ACCEPTED)
                 self.answer(200, SUCCESS)
             return
         answer, summary = batch_verdicts(verdicts)
         if not accepted:
             assert summary is not None
-            return await self.refuse(summary, body, answer)
+            return await self.refuse(summary, body, answer, verdicts)
         if await self.commit(body, accepted[0].source or "", auth_key, override_key):
-            # The failed items of a partial success are recorded once, by the pipeline, when it
-            # decodes this stored request.
+            # The failed items of a partial success are recorded (and counted) once, by the
+            # pipeline, when it decodes this stored request.
+            self.ctx.counts.messages_of((v.source for v in accepted), ACCEPTED)
             self.answer(200 if summary is None else receiver.partial_success_status, answer)
 
     async def guarded(self, sources: list[str], body: bytes) -> bool:
@@ -301,7 +306,14 @@ class IngestRequest(httputil.HTTPMessageDelegate):
     def error_body(self, problem: Problem) -> dict[str, Any]:
         return batch_error(problem) if self.batch_format else single_error(problem)
 
-    async def refuse(self, problem: Problem, raw: bytes | None, body: dict[str, Any] | None = None) -> None:
+    async def refuse(self, problem: Problem, raw: bytes | None, body: dict[str, Any] | None = None,
+                     verdicts: Sequence[Verdict] = ()) -> None:
+        # Its judged messages, each with its source; else (refused before its messages could
+        # be told apart) the request counts as one message of no known source.
+        if verdicts:
+            self.ctx.counts.messages_of((v.source for v in verdicts), REJECTED)
+        else:
+            self.ctx.counts.message(None, REJECTED)
         await record_rejected(self.ctx, self.request, self.route.route, problem, raw)
         self.answer(problem.status, body if body is not None else self.error_body(problem))
 
@@ -309,6 +321,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         # Answered before the body is read: the connection closes after this answer (Tornado
         # sets that only once the answer is written, too late to say so in it).
         self.answer(problem.status, self.error_body(problem), closing=True)
+        self.ctx.counts.message(None, REJECTED)
         self.task = asyncio.ensure_future(record_rejected(self.ctx, self.request, self.route.route, problem, None))
         self.task.add_done_callback(lambda _: self.ctx.active.discard(self))
 
@@ -323,6 +336,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         and full buffers come to many requests at once, and recording takes memory too)."""
         self.reader.release()
         self.ctx.guard.count("", self.route.route, problem.code)
+        self.ctx.counts.message(None, REJECTED)
         self.ctx.throttled.warning(problem.code, line, *args)
         self.answer(problem.status, self.error_body(problem), closing=True)  # then Tornado closes
         self.ctx.active.discard(self)
@@ -350,6 +364,7 @@ class IngestRequest(httputil.HTTPMessageDelegate):
         connection = self.request.connection
         assert connection is not None
         self.answered = True  # only now: an error above still leaves _run its 500 to send
+        self.ctx.counts.answered(self.route.route, status, time.monotonic() - self.started)
         connection.set_close_callback(None)
         connection.write_headers(ResponseStartLine("", status, httputil.responses.get(status, "Unknown")),
                                  headers, payload)

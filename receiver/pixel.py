@@ -19,6 +19,7 @@ from receiver.auth import basic_auth_username
 from receiver.answers import single_error
 from receiver.body import TOO_LARGE
 from receiver.context import ReceiverContext
+from receiver.counts import ACCEPTED, REJECTED
 from receiver.handlers import RecordingHandler
 
 TRANSPARENT_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
@@ -85,6 +86,7 @@ class PixelHandler(RecordingHandler):
         try:
             body, message = self._message(data)
         except Refused as exc:
+            self.ctx.counts.message(None, REJECTED)
             await self.record_rejected(exc.problem, raw)
             return self._gif()
         problem = validate_message(message, self.route_type)
@@ -97,6 +99,7 @@ class PixelHandler(RecordingHandler):
             refusal = self.ctx.guard.check(self.request.headers.get("Origin"), [source or ""], self.request.remote_ip,
                                            self.route)
             if refusal is not None:
+                self.ctx.counts.message(source, REJECTED)
                 if refusal.record:
                     await self.record_rejected(refusal.problem, body, refusal.source)
                 if refusal.problem.status != 429:  # bad input for this source: the GIF
@@ -106,9 +109,11 @@ class PixelHandler(RecordingHandler):
                 self.set_header("Retry-After", str(refusal.retry_after))
                 return self.answer(429, single_error(refusal.problem))
         if problem is not None:
+            self.ctx.counts.message(source, REJECTED)
             await self.record_rejected(problem, body)
             return self._gif()
         if await self.commit_outbox(body, source or "", auth_key):
+            self.ctx.counts.message(source, ACCEPTED)
             self._gif()
 
     def _message(self, data: bytes | None) -> tuple[bytes, Any]:

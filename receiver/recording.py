@@ -22,6 +22,7 @@ def request_facts(request: HTTPServerRequest, route: str) -> dict[str, Any]:
 async def record_rejected(ctx: ReceiverContext, request: HTTPServerRequest, route: str, problem: Problem,
                           raw: bytes | None, source: str | None = None) -> None:
     """Keep what we refused where an operator can see it; a failure here changes no answer."""
+    ctx.counts.refused(problem.code)
     limit = ctx.config.receiver.rejected_raw_bytes
     reason = f"{problem.message}: {problem.details}" if problem.details else problem.message
     row = {**request_facts(request, route), "source": source, "status": problem.status, "code": problem.code,

@@ -1,11 +1,79 @@
-"""``GET /metrics`` on the console's listener (being built: issue 13's metrics)."""
+"""``GET /metrics`` on the console's listener: the Prometheus text format, public (a scraper
+needs no token).
+
+Three parts: what every trackrelay process recorded (their multiprocess files: receiver
+processes and the worker), the figures the database holds (computed at scrape time from
+pipeline/operations.status(), the same figures as ``trackrelay status``, on the console's own
+store), and the serving process's own process metrics. The whole exposition is built in a
+thread: reading files and querying the database never runs on the event loop, which this
+process shares with the tracking API.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pipeline.metrics import source_registry
+from pipeline.operations import status
+from receiver.admin.access import AdminHandler
 from receiver.admin.context import AdminContext
+
+DELIVERY_STATES = ("pending", "in_flight", "retrying", "dead")
+
+
+class DatabaseCollector(Collector):
+    """The backlog as the database holds it, at each scrape."""
+
+    def __init__(self, ctx: AdminContext) -> None:
+        self.ctx = ctx
+
+    def collect(self) -> Iterator[Metric]:
+        figures = status(self.ctx.store, self.ctx.config)
+        yield GaugeMetricFamily("trackrelay_outbox_pending", "Received requests not yet decoded",
+                                value=figures.outbox_pending)
+        deliveries = GaugeMetricFamily("trackrelay_deliveries", "Deliveries not finished, by destination and "
+                                       "state (pending: never tried; in_flight: leased; retrying; dead)",
+                                       labels=["destination", "state"])
+        oldest = GaugeMetricFamily("trackrelay_oldest_pending_age_seconds", "Age of the oldest pending "
+                                   "delivery (0: none pending)", labels=["destination"])
+        for name, entry in sorted(figures.destinations.items()):
+            for state in DELIVERY_STATES:
+                deliveries.add_metric([name, state], getattr(entry, state))
+            oldest.add_metric([name], entry.oldest_pending_age_seconds or 0.0)
+        yield deliveries
+        yield oldest
+
+
+def scrape_registry(ctx: AdminContext) -> CollectorRegistry:
+    """Everything /metrics answers, in one registry."""
+    registry = source_registry()
+    registry.register(DatabaseCollector(ctx))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+class MetricsHandler(AdminHandler):
+    public = True
+
+    def initialize(self, ctx: AdminContext, registry: CollectorRegistry, **_: Any) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self.registry = registry
+
+    async def get(self) -> None:
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        # The classic text format (what generate_latest writes), which every Prometheus reads.
+        self.set_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)
+        self.finish(body)
 
 
 def metrics_routes(ctx: AdminContext) -> list[tuple[str, type, dict[str, Any]]]:
-    return []
+    return [(r"/metrics", MetricsHandler, {"ctx": ctx, "registry": scrape_registry(ctx)})]
