@@ -1,12 +1,16 @@
-"""Log lines as ``key=value`` pairs (logfmt), one event per line, never a write key."""
+"""Log lines as ``key=value`` pairs (logfmt) or JSON objects, one event per line, never a write key."""
 
 from __future__ import annotations
 
+import ast
+import json
 import logging
 import re
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
 
 FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s pid=%(process)d %(message)s"
 
@@ -18,22 +22,97 @@ _HEADER_VALUE = re.compile(r"(Invalid header value) .*", re.DOTALL)
 _CREDENTIAL = re.compile(r"\b(Basic|Bearer)\s+[^\s'\",;]+", re.IGNORECASE)
 
 
+def without_credentials(text: str) -> str:
+    """``text`` with header values Tornado quotes and any Basic/Bearer credential taken out."""
+    return _CREDENTIAL.sub(r"\1 [redacted]", _HEADER_VALUE.sub(r"\1 [not logged: it may hold a credential]", text))
+
+
 class CredentialFilter(logging.Filter):
     """Takes header values and credentials out of every line before it is written (our own
-    lines never carry one; Tornado's parse errors and third-party libraries may)."""
+    lines never carry one; Tornado's parse errors and third-party libraries may). Both
+    formats format the cleaned message, so text and JSON lines are cleaned alike."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = _CREDENTIAL.sub(r"\1 [redacted]", _HEADER_VALUE.sub(r"\1 [not logged: it may hold a credential]",
-                                                                     message))
+        cleaned = without_credentials(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
+class TextFormatter(logging.Formatter):
+    """The logfmt line; a traceback (which may quote a header) is cleaned like the message."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        return without_credentials(super().formatException(ei))
+
+
+# One pair of a logfmt message: a key, then a quoted value (Python's repr, as %r writes it) or
+# a bare one up to the next space.
+_PAIR = re.compile(r"""([A-Za-z_][A-Za-z0-9_.]*)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s'"]*)(?:\s+|$)""")
+# "Clearly numeric": an integer without a leading zero (a port, a count, a pid) or a decimal
+# with digits on both sides of the point (0.5). Everything else stays a string: "5s", "1e3",
+# "007", "inf", "true", "none".
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]{0,15})(?:\.[0-9]+)?")
+# The fields every line has; a message pair of the same name is written as "msg.<name>".
+RESERVED = ("time", "level", "logger", "pid", "message", "exception")
+
+
+def message_fields(message: str) -> dict[str, Any] | None:
+    """The pairs of a ``key=value`` message, values decoded; None if it is not only pairs."""
+    fields: dict[str, Any] = {}
+    position = 0
+    message = message.strip()
+    while position < len(message):
+        match = _PAIR.match(message, position)
+        if match is None:
+            return None
+        key, raw = match.groups()
+        fields[f"msg.{key}" if key in RESERVED else key] = _value(raw)
+        position = match.end()
+    return fields or None
+
+
+def _value(raw: str) -> Any:
+    if raw[:1] in ("'", '"'):
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw
+    if _NUMBER.fullmatch(raw):
+        return float(raw) if "." in raw else int(raw)
+    return raw
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line with the logfmt line's fields: ``time`` (ISO-8601 UTC with
+    milliseconds), ``level``, ``logger``, ``pid``, each ``key=value`` pair of the message as a
+    field of its own (or the whole message under ``message`` when it is not only pairs), and
+    ``exception`` with the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.fromtimestamp(record.created, timezone.utc)
+        line: dict[str, Any] = {"time": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z",
+                                "level": record.levelname, "logger": record.name, "pid": record.process}
+        message = record.getMessage()
+        fields = message_fields(message)
+        if fields is None:
+            line["message"] = message
+        else:
+            line.update(fields)
+        if record.exc_info:
+            line["exception"] = without_credentials(self.formatException(record.exc_info))
+        elif record.exc_text:
+            line["exception"] = without_credentials(record.exc_text)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(CredentialFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
