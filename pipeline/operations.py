@@ -1,4 +1,4 @@
-"""What an operator asks of the pipeline: status counts and replays."""
+"""What an operator asks of the pipeline: status counts, replays, and orphaned deliveries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, delete, func, select, update
 
 from pipeline.config import Config
 from pipeline.decoder import Decoder
@@ -49,6 +49,14 @@ class DestinationStatus:
     oldest_pending_age_seconds: float | None = None
 
 
+@dataclass(frozen=True)
+class Orphan:
+    """A destination no longer configured whose deliveries are still waiting (or dead)."""
+    name: str
+    pending: int
+    dead: int
+
+
 @dataclass
 class Status:
     destinations: dict[str, DestinationStatus] = field(default_factory=dict)
@@ -56,6 +64,8 @@ class Status:
     outbox_failed: int = 0
     rejected_total: int = 0
     rejected_last_hour: int = 0
+    # Destinations listed above that are not configured: nothing delivers their pending rows.
+    orphaned: list[str] = field(default_factory=list)
 
 
 def status(store: Store, config: Config) -> Status:
@@ -89,7 +99,44 @@ def status(store: Store, config: Config) -> Status:
         result.rejected_total, result.rejected_last_hour = conn.execute(select(
             func.count(), func.coalesce(func.sum(case((rejected.c.received_at_ms >= now - HOUR_MS, 1), else_=0)), 0)
         ).select_from(rejected)).one()
+    configured = {d.name for d in config.destinations}
+    result.orphaned = sorted(name for name, d in result.destinations.items()
+                             if name not in configured and (d.pending or d.in_flight or d.retrying or d.dead))
     return result
+
+
+def orphaned_destinations(store: Store, config: Config) -> list[Orphan]:
+    """Destinations with pending or dead deliveries that ``config`` does not configure (removed
+    from the file, or renamed): their deliveries wait, unsent, until the destination is
+    configured again or they are discarded. By name."""
+    configured = {d.name for d in config.destinations}
+    query = (select(deliveries.c.destination,
+                    func.sum(case((deliveries.c.state == "pending", 1), else_=0)),
+                    func.sum(case((deliveries.c.state == "dead", 1), else_=0)))
+             .where(deliveries.c.state.in_(["pending", "dead"]))
+             .group_by(deliveries.c.destination).order_by(deliveries.c.destination))
+    with store.engine.connect().execution_options(readonly=True) as conn:
+        rows = conn.execute(query).all()
+    return [Orphan(name, int(pending or 0), int(dead or 0)) for name, pending, dead in rows if name not in configured]
+
+
+def discard_orphaned(store: Store, config: Config, destination: str, dry_run: bool = False, by: str = "cli") -> int:
+    """Delete the pending and dead deliveries of ``destination``, which must not be configured
+    (ValueError otherwise: a configured destination's backlog is replayed or delivered, never
+    thrown away from here); return how many. A delivery some worker holds under a live lease
+    (another worker that still has it configured) is left alone. Logged with who asked."""
+    if destination in {d.name for d in config.destinations}:
+        raise ValueError(f"destination {destination!r} is configured: only an orphaned destination's "
+                         "deliveries can be discarded (remove it from the config and reload first)")
+    conditions = [deliveries.c.destination == destination, deliveries.c.state.in_(["pending", "dead"]),
+                  ~lease_running(now_ms())]
+    with store.engine.begin() as conn:
+        if dry_run:
+            count = conn.execute(select(func.count()).select_from(deliveries).where(*conditions)).scalar_one()
+        else:
+            count = conn.execute(delete(deliveries).where(*conditions)).rowcount
+    log.info("event=discard by=%s destination=%s dry_run=%s matched=%d", by, destination, dry_run, count)
+    return count
 
 
 def replay_deliveries(store: Store, destination: str | None, state: str | None = "dead", since_ms: int | None = None,

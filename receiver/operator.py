@@ -1,4 +1,4 @@
-"""The operator commands' output: ``trackrelay status`` and ``trackrelay replay``."""
+"""The operator commands' output: ``trackrelay status``, ``replay`` and ``discard``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import orjson
 
 from pipeline.config import Config
-from pipeline.operations import parse_moment, replay_deliveries, replay_outbox, status
+from pipeline.operations import discard_orphaned, orphaned_destinations, parse_moment, replay_deliveries, replay_outbox, status
 from pipeline.store import Store
 
 
@@ -26,6 +26,8 @@ def status_command(config: Config, args: argparse.Namespace) -> int:
     rows = [header]
     for name, d in sorted(result.destinations.items()):
         oldest = "-" if d.oldest_pending_age_seconds is None else f"{d.oldest_pending_age_seconds:.1f}s"
+        if name in result.orphaned:
+            name += " (orphaned)"
         rows.append((name, str(d.pending), str(d.in_flight), str(d.retrying), str(d.dead),
                      str(d.delivered_last_hour), oldest))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -33,6 +35,28 @@ def status_command(config: Config, args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print(f"outbox pending: {result.outbox_pending}, failed to decode: {result.outbox_failed}")
     print(f"rejected: {result.rejected_total} (last hour: {result.rejected_last_hour})")
+    if result.orphaned:
+        print(f"orphaned (not configured; their deliveries wait until configured again or "
+              f"`trackrelay discard --destination NAME`): {', '.join(result.orphaned)}")
+    return 0
+
+
+def discard_command(config: Config, args: argparse.Namespace) -> int:
+    store = Store.open(config.database)
+    try:
+        try:
+            count = discard_orphaned(store, config, args.destination, dry_run=args.dry_run)
+        except ValueError as exc:
+            print(f"trackrelay: discard: {exc}", file=sys.stderr)
+            return 2
+        if count == 0 and not args.dry_run:
+            orphans = ", ".join(o.name for o in orphaned_destinations(store, config)) or "none"
+            print(f"trackrelay: discard: no pending or dead deliveries for {args.destination!r} "
+                  f"(orphaned destinations: {orphans})", file=sys.stderr)
+    finally:
+        store.dispose()
+    verb = "would discard" if args.dry_run else "discarded"
+    print(f"{verb} {count} deliveries of orphaned destination {args.destination}")
     return 0
 
 
