@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import fcntl
 import logging
 import os
@@ -25,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import loop as event_loop
-from pipeline.config import Config
+from pipeline.config import Config, DestinationConfig, SourceConfig
 from pipeline.decoder import Decoder
 from pipeline.delivery import DestinationRunner
 from pipeline.destinations.base import Destination
@@ -33,7 +34,9 @@ from pipeline.destinations.registry import destination_type
 from pipeline.heap import settle_for_serving
 from pipeline.maintenance import apply_retention, checkpoint_wal
 from pipeline.migrate import current_revision, head_revision
+from pipeline.operations import orphaned_destinations
 from pipeline.queue import DeliveryQueue
+from pipeline.reload import ConfigSource, reloaded
 from pipeline.store import Store, is_unavailable, normalise_url, short_error
 from pipeline.wakeup import start_listener
 
@@ -81,6 +84,13 @@ class Worker:
         self._active_jobs: set[str] = set()
         self._wanted_again: set[str] = set()
         self._failing: dict[str, tuple[str, float]] = {}
+        # The task running each job now: a reload waits for a removed destination's to end.
+        self._job_tasks: dict[str, asyncio.Task[Any]] = {}
+        # Runners of destinations removed or changed by a reload: they claim no more.
+        self._retiring: set[DestinationRunner] = set()
+        # Write keys of sources a reload removed (see retired_sources).
+        self._retired: list[SourceConfig] = []
+        self._reloading = asyncio.Lock()
         # Set when the database's schema is no longer this code's (a newer version migrated
         # it): the worker stops claiming at once and run_worker_until returns.
         self.outdated = asyncio.Event()
@@ -102,13 +112,7 @@ class Worker:
             if taken:
                 log.info("event=leases_taken_back count=%d", taken)
         for dest in self.config.destinations:
-            adapter = destination_type(dest.type)(dest.name, dest.options, dest.batch_size)
-            await adapter.start()
-            self.adapters[dest.name] = adapter
-            problem = await adapter.check()
-            if problem:
-                log.warning("event=destination_unhealthy destination=%s problem=%r", dest.name, problem[:300])
-            self.runners[dest.name] = DestinationRunner(dest, adapter, self.queue, self.config.worker.lease_seconds)
+            await self._add_destination(dest)
         self._schedule()
         # The receiver signals each commit, so new events do not wait for the next poll.
         self._listener = start_listener(self.config.database.url, lambda: self.wake("decode"))
@@ -116,6 +120,93 @@ class Worker:
         if not self.adapters:
             log.warning("event=no_destinations detail='events are stored and decoded but go nowhere: "
                         "add [[destinations]] to the config'")
+        await self._log_orphans()
+
+    async def _add_destination(self, dest: DestinationConfig) -> DestinationRunner:
+        """Build and start ``dest``'s adapter and runner (not its job)."""
+        adapter = destination_type(dest.type)(dest.name, dest.options, dest.batch_size)
+        await adapter.start()
+        self.adapters[dest.name] = adapter
+        problem = await adapter.check()
+        if problem:
+            log.warning("event=destination_unhealthy destination=%s problem=%r", dest.name, problem[:300])
+        runner = self.runners[dest.name] = DestinationRunner(dest, adapter, self.queue,
+                                                             self.config.worker.lease_seconds)
+        return runner
+
+    async def _log_orphans(self) -> None:
+        """Say once (at start and after each reload) which unconfigured destinations still hold
+        deliveries: nothing sends them until the destination is configured again or they are
+        discarded (``trackrelay discard``)."""
+        assert self.store is not None
+        try:
+            orphans = await asyncio.to_thread(orphaned_destinations, self.store, self.config)
+        except SQLAlchemyError as exc:
+            log.warning("event=orphans_not_checked error=%r", short_error(exc))
+            return
+        for orphan in orphans:
+            log.warning("event=orphaned_destination destination=%s pending=%d dead=%d detail='not configured: its "
+                        "deliveries wait until it is configured again or discarded (trackrelay discard "
+                        "--destination NAME)'", orphan.name, orphan.pending, orphan.dead)
+
+    def reload_sources(self, config: Config) -> None:
+        """Decode with ``config``'s sources and routing from now on (no await: the decode job
+        running on its thread finishes with the decoder it holds, the next takes the new one).
+        Called first on SIGHUP, before the receivers take the new write keys where possible."""
+        assert self.store is not None
+        kept = {key for source in config.sources for key in source.write_keys}
+        known = {d.name for d in config.destinations}
+        for source in self.config.sources:
+            gone = tuple(key for key in source.write_keys if key not in kept)
+            if gone and config.sources:
+                dests = None if source.destinations is None else tuple(d for d in source.destinations if d in known)
+                self._retired.append(SourceConfig(name=source.name, write_keys=gone, destinations=dests))
+        # Requests a receiver accepted before it dropped a key are still in the outbox: their
+        # keys stay known to the decoder (the receivers refuse them from their own reload on).
+        # The configured sources come last so that their routing wins for a name in both.
+        decoding = dataclasses.replace(config, sources=(*self._retired, *config.sources) if config.sources else ())
+        self.decoder = Decoder(self.store, decoding)
+
+    async def reload(self, config: Config) -> None:
+        """Apply a reloaded config's destinations: added ones get an adapter and a job, removed
+        ones stop claiming, finish the batches they hold, and have their adapter closed; a
+        changed one is both. Their pending deliveries stay, as orphans, for an operator."""
+        async with self._reloading:
+            before = {d.name: d for d in self.config.destinations}
+            after = {d.name: d for d in config.destinations}
+            self.config = config
+            gone = [name for name, dest in before.items() if after.get(name) != dest]
+            for name in gone:
+                await self._retire(name)
+            for name, dest in after.items():
+                if before.get(name) != dest and not self._stopping:
+                    try:
+                        runner = await self._add_destination(dest)
+                    except Exception as exc:
+                        log.error("event=destination_not_started destination=%s error=%r", name, short_error(exc))
+                        continue
+                    self._add(f"deliver:{name}", self._deliverer(runner), config.worker.poll_interval_seconds)
+            await self._log_orphans()
+
+    async def _retire(self, name: str) -> None:
+        runner = self.runners.pop(name, None)
+        adapter = self.adapters.pop(name, None)
+        if runner is None or adapter is None:
+            return
+        self._retiring.add(runner)
+        job_id = f"deliver:{name}"
+        if self.scheduler is not None and self.scheduler.get_job(job_id) is not None:
+            self.scheduler.remove_job(job_id)
+        task = self._job_tasks.get(job_id)
+        if task is not None and not task.done():
+            # Its lanes end after the batch each holds, recorded; the lease bounds how long.
+            await asyncio.wait([task], timeout=self.config.worker.lease_seconds * 2)
+        self._retiring.discard(runner)
+        try:
+            await adapter.close()
+        except Exception:
+            log.exception("event=adapter_close_failed destination=%s", name)
+        log.info("event=destination_retired destination=%s", name)
 
     def _take_sqlite_lock(self) -> None:
         path = sqlite_lock_path(self.config.database.url)
@@ -153,6 +244,7 @@ class Worker:
             assert task is not None
             self._running.add(task)
             self._active_jobs.add(job_id)
+            self._job_tasks[job_id] = task
             try:
                 while True:
                     self._wanted_again.discard(job_id)
@@ -166,6 +258,8 @@ class Worker:
             finally:
                 self._active_jobs.discard(job_id)
                 self._running.discard(task)
+                if self._job_tasks.get(job_id) is task:
+                    del self._job_tasks[job_id]
 
         self.scheduler.add_job(tracked, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True,
                                misfire_grace_time=None,
@@ -206,7 +300,7 @@ class Worker:
 
     def _deliverer(self, runner: DestinationRunner) -> Callable[[], Awaitable[Any]]:
         async def deliver() -> None:
-            await runner.drain(self.stopping)
+            await runner.drain(lambda: self._stopping or runner in self._retiring)
         return deliver
 
     async def _reap(self) -> None:
@@ -261,12 +355,30 @@ class Worker:
         log.info("event=stopped role=worker")
 
 
-async def run_worker_until(config: Config, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
+def reload_on_hangup(worker: Worker, source: ConfigSource) -> None:
+    """SIGHUP: read the config file again; if it is valid, decode with its sources at once and
+    apply its destinations in a task."""
+    config = reloaded(source, worker.config, "worker")
+    if config is None or worker.stopping():
+        return
+    worker.reload_sources(config)
+    task = asyncio.ensure_future(worker.reload(config))
+    worker._running.add(task)  # stop() waits for a reload under way
+    task.add_done_callback(worker._running.discard)
+
+
+async def run_worker_until(config: Config, stop: asyncio.Event, started: Callable[[], None] | None = None,
+                           source: ConfigSource | None = None) -> None:
     """Run a worker until ``stop`` is set; ``started`` is called once it works (a process
-    settles its heap then: pipeline/heap.py)."""
+    settles its heap then: pipeline/heap.py). With ``source``, SIGHUP reloads sources and
+    destinations from it (main thread only)."""
     worker = Worker(config)
     try:
         await worker.start()
+        if source is not None:
+            import signal
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_on_hangup, worker, source)
         if started is not None:
             started()
         stopped = asyncio.ensure_future(stop.wait())
@@ -293,8 +405,9 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return False
 
 
-def run_worker(config: Config) -> int:
-    """The worker process: run until SIGINT/SIGTERM; return the exit status."""
+def run_worker(config: Config, source: ConfigSource | None = None) -> int:
+    """The worker process: run until SIGINT/SIGTERM (SIGHUP reloads from ``source``); return
+    the exit status."""
     import signal
 
     limit_malloc_arenas()
@@ -304,7 +417,7 @@ def run_worker(config: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_worker_until(config, stop, started=settle_for_serving)
+        await run_worker_until(config, stop, started=settle_for_serving, source=source)
 
     try:
         event_loop.run(main())

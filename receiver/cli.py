@@ -1,4 +1,4 @@
-"""The ``trackrelay`` command: run, serve, worker, migrate, status, replay.
+"""The ``trackrelay`` command: run, serve, worker, migrate, status, replay, discard.
 
 Exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
 """
@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.config import Config, ConfigError, load_config, settings_help
+from pipeline.config import ConfigError, settings_help
 from pipeline.messages import MESSAGE_TYPES
 from pipeline.logs import configure_logging
 from pipeline.metrics import metrics_folder
 from pipeline.migrate import current_revision, upgrade
+from pipeline.reload import ConfigSource
 from pipeline.store import Store
 from pipeline.worker import run_worker
-from receiver.operator import replay_command, status_command
+from receiver.operator import discard_command, replay_command, status_command
 from receiver.server import DatabaseBehind, check_database, serve
 
 log = logging.getLogger("trackrelay.cli")
@@ -71,26 +73,35 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--from-outbox", action="store_true",
                         help="re-decode raw requests received since --since and deliver them to the destination")
     replay.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    discard = sub.add_parser("discard", parents=[common], help="delete the pending and dead deliveries of a "
+                             "destination no longer configured (an orphan, see status)")
+    discard.add_argument("--destination", required=True, metavar="NAME")
+    discard.add_argument("--dry-run", action="store_true", help="count, change nothing")
     return parser
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config_source(args: argparse.Namespace) -> ConfigSource:
+    """The file, environment and flags the config is loaded from: at start, and again on SIGHUP."""
     overrides: dict[str, dict[str, Any]] = {
         "database": {"url": args.database_url},
         "receiver": {key: getattr(args, key, None) for key in ("host", "port", "processes")},
         "": {"log_level": args.log_level},
     }
-    return load_config(args.config, overrides=overrides)
+    return ConfigSource(args.config, overrides=overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "serve", "worker"):
+        # SIGHUP reloads; until a process has its handler, one must not kill it (the default).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    source = _config_source(args)
     try:
-        config = _config(args)
+        config = source.load()
     except ConfigError as exc:
         print(f"trackrelay: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     try:
         if args.command == "migrate":
             store = Store.open(config.database)
@@ -102,16 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store.dispose()
             log.info("event=migrated from=%s to=%s", before or "none", after)
             return 0
-        if args.command in ("status", "replay"):
+        if args.command in ("status", "replay", "discard"):
             check_database(config)
-            return status_command(config, args) if args.command == "status" else replay_command(config, args)
+            command = {"status": status_command, "replay": replay_command, "discard": discard_command}[args.command]
+            return command(config, args)
         if args.command == "worker":
             check_database(config)
             with metrics_folder(config.admin.metrics_dir, private=False):
-                return run_worker(config)
+                return run_worker(config, source)
         # Chosen before the fork: every receiver process and the worker write to this folder.
         with metrics_folder(config.admin.metrics_dir, private=config.admin.serving):
-            return serve(config, migrate=args.command == "run", with_worker=args.command == "run")
+            return serve(config, migrate=args.command == "run", with_worker=args.command == "run", source=source)
     except DatabaseBehind as exc:
         print(f"trackrelay: {exc}", file=sys.stderr)
         return 1

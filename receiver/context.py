@@ -73,6 +73,14 @@ class ReceiverContext:
                    wakeup=signal, judging=judging, cors=cors, guard=BrowserGuard(config, cors, counts.refused),
                    budget=BodyBudget(config.receiver.max_buffered_bytes), counts=counts)
 
+    def reload(self, config: Config) -> None:
+        """Take a reloaded config's sources (write keys), CORS policy and browser guard. The
+        three are built first and assigned together, with no await in between: a request
+        judged on this loop sees either the old three or the new three."""
+        cors = CorsPolicy(config)
+        sources, guard = SourceRegistry(config.sources), self.guard.reconfigured(config, cors)
+        self.config, self.sources, self.cors, self.guard = config, sources, cors, guard
+
     def start(self) -> None:
         """Start the background work of a serving receiver (on the running loop): the body sweep
         (timeouts, stalled bodies, memory given back), and the tally that writes what it and the

@@ -9,6 +9,7 @@ key from somewhere else.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -69,6 +70,16 @@ class BrowserGuard:
         self.checks_origins = any(s.allowed_origins for s in config.sources)
         # Off (the default): the ingest path does not even gather a request's sources.
         self.active = self.checks_origins or self.limiter.enabled
+
+    def reconfigured(self, config: Config, cors: CorsPolicy) -> BrowserGuard:
+        """This guard for a reloaded config: the origin lists and rate limits are the new ones
+        (every token bucket starts full again, unchanged sources' too), while the refusals
+        counted so far, and whatever counts them, go on (the running tally task writes them)."""
+        fresh = BrowserGuard(config, cors)
+        kept = copy.copy(self)
+        kept.cors, kept.sources, kept.limiter = fresh.cors, fresh.sources, fresh.limiter
+        kept.checks_origins, kept.active = fresh.checks_origins, fresh.active
+        return kept
 
     def check(self, origin: str | None, sources: Sequence[str], client: str | None, route: str) -> Refusal | None:
         """None if the request may go on; else why not. A refused request takes no tokens."""

@@ -1,7 +1,8 @@
 """Running several processes from one parent: fork, forward signals, and reap.
 
 The receiver's ``--processes N`` forks N children that share the listening socket; the parent
-only forwards SIGINT/SIGTERM and waits. If a child dies on its own, the others are stopped and
+only forwards SIGINT/SIGTERM (and SIGHUP, a reload, in the order the targets were given) and
+waits. If a child dies on its own, the others are stopped and
 the parent exits 1, so a supervisor (systemd, Kubernetes) restarts the whole unit cleanly.
 """
 
@@ -37,7 +38,13 @@ def supervise(targets: Sequence[Callable[[], int]]) -> int:
         for child in children:
             _kill(child, signal.SIGTERM)
 
+    def forward_hangup(signum: int, _frame: object) -> None:
+        log.info("event=reload_requested children=%d", len(children))
+        for child in sorted(children, key=children.__getitem__):  # the targets' order
+            _kill(child, signal.SIGHUP)
+
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward_hangup)
     status = 0
     try:
         while children:

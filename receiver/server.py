@@ -15,6 +15,7 @@ from pipeline import loop as event_loop
 from pipeline.config import Config
 from pipeline.heap import freeze_before_fork, settle_for_serving
 from pipeline.migrate import current_revision, head_revision, upgrade
+from pipeline.reload import ConfigSource, reloaded
 from pipeline.store import Store
 from receiver.answers import retry_after
 from receiver.admin.server import start_console
@@ -56,9 +57,10 @@ def check_database(config: Config) -> None:
         store.dispose()  # no connection may cross a fork
 
 
-def serve(config: Config, migrate: bool = False, with_worker: bool = False) -> int:
+def serve(config: Config, migrate: bool = False, with_worker: bool = False, source: ConfigSource | None = None) -> int:
     """Run the receiver (and, in single-box mode, the worker in its own process, so delivery
-    never stalls the receiver's event loop) in the foreground until SIGINT/SIGTERM."""
+    never stalls the receiver's event loop) in the foreground until SIGINT/SIGTERM. With
+    ``source``, SIGHUP reloads sources and destinations from it in every process."""
     prepare_database(config, migrate)
     receiver = config.receiver
     sockets = bind_sockets(receiver.port, receiver.host)
@@ -70,13 +72,13 @@ def serve(config: Config, migrate: bool = False, with_worker: bool = False) -> i
         log.info("event=console_listening url=%s token=%s", url, "set" if config.admin.token else "none")
         print(f"trackrelay: console and /metrics at {url}", flush=True)
     if receiver.processes == 1 and not with_worker:
-        return run_receiver(config, sockets, admin)
+        return run_receiver(config, sockets, admin, source)
     freeze_before_fork()
-    # Exactly one process serves the console; the others close its socket.
-    targets = [lambda: run_receiver(config, sockets, admin)]
-    targets += [lambda: run_receiver(config, sockets, _closed(admin))] * (receiver.processes - 1)
-    if with_worker:
-        targets.append(lambda: _worker_process(config, sockets + admin))
+    # Exactly one process serves the console; the others close its socket. The worker comes
+    # first: on SIGHUP it takes the new write keys before the receivers accept them.
+    targets = [lambda: _worker_process(config, sockets + admin, source)] if with_worker else []
+    targets += [lambda: run_receiver(config, sockets, admin, source)]
+    targets += [lambda: run_receiver(config, sockets, _closed(admin), source)] * (receiver.processes - 1)
     return supervise(targets)
 
 
@@ -91,28 +93,32 @@ def _closed(sockets: list[socket]) -> list[socket]:
     return []
 
 
-def _worker_process(config: Config, sockets: list[socket]) -> int:
+def _worker_process(config: Config, sockets: list[socket], source: ConfigSource | None = None) -> int:
     _closed(sockets)  # the worker does not serve HTTP
-    return run_worker(config)
+    return run_worker(config, source)
 
 
-def run_receiver(config: Config, sockets: list[socket], admin_sockets: list[socket] | None = None) -> int:
+def run_receiver(config: Config, sockets: list[socket], admin_sockets: list[socket] | None = None,
+                 source: ConfigSource | None = None) -> int:
     async def until_signalled() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve_until(config, sockets, stop, started=settle_for_serving, admin_sockets=admin_sockets)
+        await serve_until(config, sockets, stop, started=settle_for_serving, admin_sockets=admin_sockets,
+                          source=source)
         return 0
 
     return event_loop.run(until_signalled())
 
 
 async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event,
-                      started: Callable[[], None] | None = None, admin_sockets: list[socket] | None = None) -> None:
+                      started: Callable[[], None] | None = None, admin_sockets: list[socket] | None = None,
+                      source: ConfigSource | None = None) -> None:
     """Serve on ``sockets`` (and the console on ``admin_sockets``) until ``stop`` is set, then
     finish in-flight commits and return. ``started`` is called once the server accepts
-    connections (a process settles its heap then: pipeline/heap.py)."""
+    connections (a process settles its heap then: pipeline/heap.py). With ``source``, SIGHUP
+    reloads sources from it (main thread only)."""
     receiver = config.receiver
     store = Store.open(config.database)
     ctx = ReceiverContext.create(config, store)
@@ -138,6 +144,8 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
     console = start_console(ctx, admin_sockets) if admin_sockets else None
     if started is not None:
         started()
+    if source is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_receiver, ctx, source)
     log.info("event=started role=receiver")
     await stop.wait()
     log.info("event=stopping role=receiver in_flight=%d", len(ctx.active))
@@ -151,6 +159,15 @@ async def serve_until(config: Config, sockets: list[socket], stop: asyncio.Event
         pass
     store.dispose()
     log.info("event=stopped role=receiver")
+
+
+def reload_receiver(ctx: ReceiverContext, source: ConfigSource) -> None:
+    """SIGHUP: read the config file again and, if it is valid, swap the sources, CORS policy and
+    guard (on the loop, between two requests' steps). Requests already answered or being
+    committed are not touched: none is dropped."""
+    config = reloaded(source, ctx.config, "receiver")
+    if config is not None:
+        ctx.reload(config)
 
 
 def allow_query_fields(max_url_bytes: int) -> None:
