@@ -4,6 +4,7 @@ arrive, replay, and the 400s that name the parameter."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -235,3 +236,30 @@ def test_replayed_rows_are_the_ones_the_filter_matched(start_pipeline: Callable[
     with pipeline.db.engine.connect() as conn:
         good = conn.execute(sa.select(deliveries.c.state).where(deliveries.c.destination == "good")).scalar_one()
     assert good == "delivered"
+
+
+def test_an_orphaned_destination_is_shown_and_its_deliveries_discarded(
+        start_pipeline: Callable[..., Pipeline], sink: ScriptedSink) -> None:
+    pipeline = failing_two_ways(start_pipeline, sink)
+    for _ in range(3):
+        send(pipeline, "/v1/track", {"userId": "u", "event": "E", "messageId": unique_id()})
+    wait_for(lambda: pipeline.db.settled(6), "six deliveries to settle")
+    # "bad" is taken out of the configuration the console sees (as after a reload)
+    config = dataclasses.replace(pipeline.config,
+                                 destinations=tuple(d for d in pipeline.config.destinations if d.name == "good"))
+    running = RunningConsole(with_console(config))
+    try:
+        overview = running.get("/api/overview").json()
+        assert overview["destinations"]["bad"]["configured"] is False
+        assert running.get("/api/orphans").json() == {"orphans": [{"name": "bad", "pending": 0, "dead": 3}]}
+        assert "Orphaned destinations" in running.get("/failures").text
+        refused = running.post("/api/orphans/discard", json={"destination": "good"})
+        assert refused.status_code == 400 and refused.json()["error"].startswith("destination: ")
+        assert running.post("/api/orphans/discard", json={"destination": "bad", "dry_run": True}).json() == {
+            "matched": 3}
+        assert running.post("/api/orphans/discard", json={"destination": "bad"}).json() == {
+            "matched": 3, "discarded": 3}
+        assert running.get("/api/orphans").json() == {"orphans": []}
+        assert pipeline.db.states("bad") == {} and pipeline.db.states("good") == {"delivered": 3}
+    finally:
+        running.stop()

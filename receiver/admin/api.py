@@ -14,7 +14,9 @@ import orjson
 from tornado.web import HTTPError
 
 from pipeline.messages import MESSAGE_TYPES
-from pipeline.operations import parse_moment, replay_deliveries
+import dataclasses
+
+from pipeline.operations import discard_orphaned, orphaned_destinations, parse_moment, replay_deliveries
 from receiver.admin import queries
 from receiver.admin.access import AdminHandler
 
@@ -200,6 +202,45 @@ class ReplayApi(ApiHandler):
         return {"matched": count} if dry_run else {"matched": count, "replayed": count}
 
 
+class OrphansApi(ApiHandler):
+    """``GET /api/orphans``: destinations no longer configured whose deliveries wait."""
+
+    async def get(self) -> None:
+        self.query_arguments()
+        found = await self.blocking(orphaned_destinations, self.ctx.store, self.ctx.config)
+        self.answer_json({"orphans": [dataclasses.asdict(o) for o in found]})
+
+
+class DiscardApi(ApiHandler):
+    """``POST /api/orphans/discard`` with ``{"destination": NAME, "dry_run": false}``: delete an
+    orphaned destination's pending and dead deliveries (``trackrelay discard``'s function).
+    Answers ``{"matched": N}`` (and ``"discarded": N`` unless a dry run); a configured
+    destination is a 400."""
+
+    async def post(self) -> None:
+        self.query_arguments()
+        try:
+            body = orjson.loads(self.request.body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise HTTPError(400, reason=f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, reason="the body must be a JSON object")
+        args = Arguments(body.get)
+        destination, dry_run = args.text("destination"), args.flag("dry_run")
+        if destination is None:
+            raise BadParameter("destination", "required")
+        self.answer_json(await discard(self, destination, dry_run))
+
+
+async def discard(handler: ApiHandler, destination: str, dry_run: bool) -> dict[str, int]:
+    try:
+        count = await handler.blocking(lambda: discard_orphaned(handler.ctx.store, handler.ctx.config, destination,
+                                                                dry_run=dry_run, by="console"))
+    except ValueError as exc:
+        raise BadParameter("destination", str(exc)) from None
+    return {"matched": count} if dry_run else {"matched": count, "discarded": count}
+
+
 def api_routes(args: dict[str, Any]) -> list[tuple[str, type, dict[str, Any]]]:
     return [
         (r"/api/overview", OverviewApi, args),
@@ -208,4 +249,6 @@ def api_routes(args: dict[str, Any]) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/api/events/([^/]+)", EventApi, args),
         (r"/api/rejected", RejectedApi, args),
         (r"/api/replay", ReplayApi, args),
+        (r"/api/orphans", OrphansApi, args),
+        (r"/api/orphans/discard", DiscardApi, args),
     ]

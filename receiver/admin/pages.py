@@ -16,7 +16,7 @@ from pipeline.messages import MESSAGE_TYPES
 from pipeline.operations import replay_deliveries
 from receiver.admin import queries
 from receiver.admin.access import AdminHandler
-from receiver.admin.api import Arguments, BadParameter, REPLAY_STATES
+from receiver.admin.api import REPLAY_STATES, Arguments, BadParameter, discard
 from receiver.admin.chart import throughput_chart
 
 FAILURE_STATES = ("dead", "retrying")
@@ -141,6 +141,24 @@ class ReplayForm(PageHandler):
         self.redirect(f"{back}{separator}{urlencode({'replayed': count})}", status=303)
 
 
+class DiscardForm(PageHandler):
+    """The failures page's Discard button for an orphaned destination: first a page with the
+    count to confirm, then the deletion."""
+
+    section = "failures"
+
+    async def post(self) -> None:
+        destination = self.arguments().text("destination")
+        if destination is None:
+            raise BadParameter("destination", "required")
+        if self.get_body_argument("confirmed", None) is None:
+            counted = await discard(self, destination, dry_run=True)  # type: ignore[arg-type]
+            self.render("discard.html", destination=destination, count=counted["matched"])
+            return
+        done = await discard(self, destination, dry_run=False)  # type: ignore[arg-type]
+        self.redirect("/failures?" + urlencode({"discarded": done["discarded"]}), status=303)
+
+
 class EventPage(PageHandler):
     section = "event"
 
@@ -167,6 +185,7 @@ def page_routes(args: dict[str, Any]) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/live", LivePage, args),
         (r"/failures", FailuresPage, args),
         (r"/failures/replay", ReplayForm, args),
+        (r"/orphans/discard", DiscardForm, args),
         (r"/events/([^/]+)", EventPage, args),
         (r"/search", SearchPage, args),
     ]
