@@ -235,14 +235,18 @@ def test_status_prints_a_row_per_destination_and_the_outbox_and_rejected_counts(
     assert [line.split() for line in lines[:4]] == [
         ["destination", "pending", "in_flight", "retrying", "dead", "delivered_1h", "oldest_pending"],
         ["hook", "1", "1", "1", "2", "1", lines[1].split()[-1]],
-        ["legacy", "0", "0", "0", "1", "0", "-"],
+        ["legacy", "(orphaned)", "0", "0", "0", "1", "0", "-"],
         ["warehouse", "0", "0", "0", "0", "1", "-"],
     ]
     oldest = lines[1].split()[-1]
     assert oldest.endswith("s") and 120.0 <= float(oldest[:-1]) < 180.0
     starts = [lines[0].index(name) for name in lines[0].split()]
-    assert all([line[start:].split()[0] for start in starts] == line.split() for line in lines[:4])  # aligned
-    assert lines[4:] == ["outbox pending: 1, failed to decode: 2", "rejected: 3 (last hour: 2)"]
+    # aligned (the orphan's name cell holds a space: "legacy (orphaned)")
+    assert all([line[start:].split()[0] for start in starts] == line.split() for line in lines[:4] if "(" not in line)
+    assert [lines[2][start:].split()[0] for start in starts[1:]] == ["0", "0", "0", "1", "0", "-"]
+    assert lines[4:] == ["outbox pending: 1, failed to decode: 2", "rejected: 3 (last hour: 2)",
+                         "orphaned (not configured; their deliveries wait until configured again or "
+                         "`trackrelay discard --destination NAME`): legacy"]
 
 
 # --- parse_moment --------------------------------------------------------------------------------
