@@ -110,6 +110,17 @@ class ApiHandler(AdminHandler):
             raise BadParameter(unknown[0], f"unknown parameter (this route takes: {', '.join(sorted(self.KNOWN))})")
         return Arguments(lambda name: self.get_query_argument(name, None))
 
+    def json_body(self) -> dict[str, Any]:
+        """A POST's body: a JSON object (no query parameters), else a 400 saying what is wrong."""
+        self.query_arguments()
+        try:
+            body = orjson.loads(self.request.body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise HTTPError(400, reason=f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, reason="the body must be a JSON object")
+        return body
+
     async def blocking(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(call, *args)
 
@@ -169,13 +180,7 @@ class ReplayApi(ApiHandler):
     FIELDS = frozenset({"destination", "state", "since", "until", "type", "dry_run", "ids"})
 
     async def post(self) -> None:
-        self.query_arguments()
-        try:
-            body = orjson.loads(self.request.body or b"{}")
-        except orjson.JSONDecodeError as exc:
-            raise HTTPError(400, reason=f"the body is not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, reason="the body must be a JSON object")
+        body = self.json_body()
         unknown = sorted(set(body) - self.FIELDS)
         if unknown:
             raise BadParameter(unknown[0], f"unknown field (known: {', '.join(sorted(self.FIELDS))})")
@@ -218,13 +223,7 @@ class DiscardApi(ApiHandler):
     destination is a 400."""
 
     async def post(self) -> None:
-        self.query_arguments()
-        try:
-            body = orjson.loads(self.request.body or b"{}")
-        except orjson.JSONDecodeError as exc:
-            raise HTTPError(400, reason=f"the body is not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, reason="the body must be a JSON object")
+        body = self.json_body()
         args = Arguments(body.get)
         destination, dry_run = args.text("destination"), args.flag("dry_run")
         if destination is None:
