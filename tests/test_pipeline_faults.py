@@ -87,7 +87,7 @@ def test_a_400_makes_the_delivery_dead_and_replay_delivers_it_once_the_sink_reco
     assert len(sink.answered) == 3  # a 400 is final: never retried
     assert status_json(processes, pipeline.config_path) == {
         "destinations": {"hook": hook_status(dead=3)}, "outbox_pending": 0, "outbox_failed": 0,
-        "rejected_total": 0, "rejected_last_hour": 0}
+        "rejected_total": 0, "rejected_last_hour": 0, "orphaned": []}
 
     sink.decide = lambda n, _: Answer()
     replay = processes.run("replay", "--destination", "hook", "--config", str(pipeline.config_path))
