@@ -54,7 +54,9 @@ def throughput_chart(minutes: list[dict[str, Any]]) -> Chart:
 
     lines = [Line(key, label, " ".join(f"{x(i)},{y(r[key])}" for i, r in enumerate(rows)),
                   sum(r[key] for r in rows)) for key, label in SERIES]
-    grid = [(y(top * k // 4), f"{top * k // 4:,}") for k in range(5)]
+    # Whole-number steps, evenly spaced: fifths of 5, 10, 20, 50...; ones under 5.
+    steps = 5 if top >= 5 else top
+    grid = [(y(top * k // steps), f"{top * k // steps:,}") for k in range(steps + 1)]
     every = max(1, len(rows) // 6)
     ticks = [(x(i), rows[i]["minute"][11:16]) for i in range(0, len(rows), every)]
     return Chart(WIDTH, HEIGHT, lines, grid, ticks, (LEFT, TOP, right, bottom))
