@@ -131,15 +131,15 @@ def judge(envelope: Envelope, *, route_type: str | None, override_key: str | Non
             problem = _size_problem(message, max_message_bytes)
         elif problem is None and may_be_deep and not writable(message):
             problem = TOO_DEEP
-        source = None
-        if problem is None:
-            key = message_write_key(message, override_key, batch_key, auth_key)
-            if key in known:
-                source = known[key]
-            else:
-                source = known[key] = source_for(key)
-            if source is None:
-                problem = Problem("invalid_write_key", INVALID_WRITE_KEY)
+        # The source of a refused message too, where its key tells: refusals are counted
+        # per source, and an operator needs to know which source sends bad messages.
+        key = message_write_key(message, override_key, batch_key, auth_key)
+        if key in known:
+            source = known[key]
+        else:
+            source = known[key] = source_for(key)
+        if source is None and problem is None:
+            problem = Problem("invalid_write_key", INVALID_WRITE_KEY)
         verdicts.append(_new_verdict(Verdict, (index, problem, source)))
     return verdicts
 

@@ -271,8 +271,15 @@ def run_judge(items: list[Any], *, source_for: Any = OPEN, batch_key: str | None
 
 def test_judge_gives_one_verdict_per_item_in_order() -> None:
     verdicts = run_judge([TRACK, with_(userId=...), "x", TRACK])
+    # A refused message keeps the source its key names (refusals are counted per source).
     assert [(v.index, v.problem.code if v.problem else None, v.source) for v in verdicts] == [
-        (0, None, "default"), (1, "missing_user_id", None), (2, "invalid_message", None), (3, None, "default")]
+        (0, None, "default"), (1, "missing_user_id", "default"), (2, "invalid_message", "default"),
+        (3, None, "default")]
+
+
+def test_a_refused_message_with_an_unknown_key_has_no_source() -> None:
+    [verdict] = run_judge([with_(userId=..., writeKey="nope")], source_for=CLOSED)
+    assert verdict.problem is not None and verdict.problem.code == "missing_user_id" and verdict.source is None
 
 
 def test_judge_fills_the_route_type() -> None:
@@ -313,7 +320,8 @@ def test_judge_refuses_a_batch_item_over_the_message_limit() -> None:
     verdicts = run_judge([TRACK, big], max_message_bytes=150, body_size=400)
     size = len(b'{"type":"track","userId":"u1","event":"Signed Up","properties":{"blob":"' + b"x" * 200 + b'"}}')
     assert verdicts == [Verdict(0, None, "default"), Verdict(1, Problem(
-        "message_too_large", "Message too large", f"message is {size} bytes, the limit is 150", status=413))]
+        "message_too_large", "Message too large", f"message is {size} bytes, the limit is 150", status=413),
+        "default")]
 
 
 def test_judge_does_not_measure_a_single_message() -> None:
