@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import (BigInteger, Column, ForeignKey, Index, Integer, LargeBinary, MetaData, SmallInteger, String,
-                        Table, Text, UniqueConstraint)
+from sqlalchemy import (BigInteger, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, SmallInteger,
+                        String, Table, Text, UniqueConstraint, text)
 
 # Naming convention so that constraint names are the same on SQLite and Postgres and Alembic
 # batch mode can find them again.
@@ -122,4 +122,20 @@ deliveries = Table(
     Index("ix_deliveries_event_id", "event_id"),
     Index("ix_deliveries_state_finished_at_ms", "state", "finished_at_ms"),
     postgresql_with={"fillfactor": DELIVERIES_FILLFACTOR},
+)
+
+# Each worker's concurrency controller per destination (migration 0006), written every few
+# seconds by the worker for the processes that show it (status, console, /metrics).
+delivery_controllers = Table(
+    "delivery_controllers",
+    metadata,
+    Column("destination", Text, primary_key=True),
+    Column("worker", String(64), primary_key=True),  # host:pid
+    Column("mode", String(16), nullable=False),  # adaptive | fixed
+    Column("concurrency_limit", Integer, nullable=False),
+    Column("max_concurrency", Integer, nullable=False),
+    Column("in_flight", Integer, nullable=False),
+    Column("rtt_ms", Float, nullable=True),  # the last window's mean round-trip time
+    Column("baseline_rtt_ms", Float, nullable=True),
+    Column("updated_at_ms", BigInteger, nullable=False),
 )
