@@ -43,17 +43,20 @@ def timed_drain(session: Session, backend: str, events: int, tag: str) -> tuple[
 
 
 def pipeline_drain(session: Session, backend: str) -> list[Figure]:
-    """R4: decode + fan-out + deliver to ``null`` from a 100k backlog, vs raw claim-and-ack."""
-    r4 = Figure(backend, "R4", "drain 100k to null, events/s (vs raw claim+ack)", target=Target("ratio", 0.4))
+    """R4: decode + fan-out + deliver to ``null`` from a 100k backlog, next to R1 and R3.
+
+    Its ratio to raw claim-and-acknowledge (``bench.raw claims``, target 0.4) is retired (issue
+    14): trackrelay keeps one delivery row per event and destination by design, which a queue
+    of bare rows does not pay for; R9 (ingest and a three-way fan-out at once) is the figure
+    that says whether that design is fast enough. The drain rate and its comparisons with R1
+    (>= 1) and R3 (stretch >= 1) stay.
+    """
+    r4 = Figure(backend, "R4", "drain 100k to null, events/s",
+                note="ratio to raw claim+ack retired (issue 14; see R9)")
     for run in range(session.options.runs):
         rate, _ = timed_drain(session, backend, R4_EVENTS, f"r4-{run}")
         r4.values.append(rate)
-        database = session.databases.create(backend)
-        try:
-            r4.ceilings.append(session.raw("claims", database, events=R4_EVENTS)["rate"])
-        finally:
-            session.databases.drop(database)
-        session.say(f"{backend} R4 run {run + 1}: {rate:,.0f} events/s vs raw {r4.ceilings[-1]:,.0f}")
+        session.say(f"{backend} R4 run {run + 1}: {rate:,.0f} events/s")
     figures = [r4]
     for name, target in (("R1", Target("ratio", 1.0)), ("R3", Target("ratio", 1.0, stretch=True))):
         compared = Figure(backend, "R4", f"R4 drain rate vs {name} ingest rate", values=list(r4.values), target=target)
