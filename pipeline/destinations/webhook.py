@@ -22,7 +22,7 @@ import orjson
 
 from pipeline.destinations.base import Destination, Event, Outcome, rejected
 from pipeline.destinations.http import outcome_for_exception, outcome_for_status
-from pipeline.destinations.httpclient import ClientClosed, HttpClient, HttpError, Response
+from pipeline.destinations.httpclient import ClientClosed, HttpClient, HttpError, Response, environment_proxy
 
 # A request waiting for a sender, and where its answer (or the error instead) goes.
 Pending = tuple[bytes, "asyncio.Future[Response]"]
@@ -110,8 +110,9 @@ class WebhookDestination(Destination):
 
     async def start(self) -> None:
         concurrency, url = self.options.concurrency, self._url
-        self._client = HttpClient(url.scheme, url.raw_host.decode("ascii"), url.port,
-                                  timeout=self.options.timeout_seconds, pool_size=concurrency)
+        host = url.raw_host.decode("ascii")
+        self._client = HttpClient(url.scheme, host, url.port, timeout=self.options.timeout_seconds,
+                                  pool_size=concurrency, proxy=environment_proxy(url.scheme, host, url.port))
         headers = {"host": ("Host", self._client.authority),
                    "content-type": ("Content-Type", "application/json"),
                    "user-agent": ("User-Agent", user_agent())}
@@ -119,7 +120,7 @@ class WebhookDestination(Destination):
             token = base64.b64encode(f"{url.username}:{url.password}".encode()).decode("ascii")
             headers["authorization"] = ("Authorization", f"Basic {token}")
         headers.update({name.lower(): (name, value) for name, value in self.client_headers().items()})
-        lines = [b"POST " + url.raw_path + b" HTTP/1.1"]
+        lines = self._client.request_start(b"POST", url.raw_path)  # absolute-form to a plain-HTTP proxy
         lines += [f"{name}: {value}".encode("ascii") for name, value in headers.values()]
         self._head = b"\r\n".join(lines) + b"\r\n"  # each request adds its own headers and the length
         self._pending = asyncio.Queue()
