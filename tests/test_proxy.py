@@ -285,3 +285,16 @@ def test_a_proxy_that_is_not_plain_http_fails_at_start_without_its_credentials(
 def test_a_proxy_url_without_a_scheme_or_port_is_plain_http_on_port_80() -> None:
     assert Proxy.from_url("proxy.internal") == Proxy("proxy.internal", 80, "http://proxy.internal:80")
     assert Proxy.from_url("http://a%40b:p%3Aw@[::1]:3128").authorization == "Basic YUBiOnA6dw=="  # a@b:p:w
+
+
+def test_a_proxy_that_never_answers_connect_is_a_connect_timeout_naming_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as silent:  # listening, never accepting: the kernel completes the handshake
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        proxy_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+
+        [outcome] = deliver("https://127.0.0.1:9/in", contract_events(1), timeout_seconds=0.3)
+
+    assert (outcome.kind, outcome.reason) == ("retry", f"timed out (ConnectTimeout: through proxy {proxy_url})")
