@@ -45,6 +45,8 @@ class ProxyProcess:
         self.port = int(closed_port_url().rsplit(":", 1)[1])
         argv = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(self.port),
                 "--num-workers", "1", "--num-acceptors", "1"]
+        # Its state stays in the test's directory, not under the home directory.
+        argv += [f"--{name}-dir={log_path.parent / name}" for name in ("data", "ca-cert", "cache")]
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.popen = subprocess.Popen(argv + (["--basic-auth", basic_auth] if basic_auth else []),
