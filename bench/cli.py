@@ -26,7 +26,7 @@ from bench.session import Options, Session
 
 FIGURES = ("R1", "R2", "R3", "R4", "R5", "R6", "R7", "R8", "R9", "R10")
 DESCRIPTION = """\
-Measure trackrelay's figures (issue 4) next to ceilings measured in the same run, and print
+Measure trackrelay's figures (issues 4 and 14) next to ceilings measured in the same run, and print
 one table: figure, value (median of the runs), ceiling, ratio, target, PASS/FAIL.
 
   R1  single-event POST /v1/track, req/s        vs a Tornado hello-world app         >= 0.8
@@ -49,9 +49,9 @@ one table: figure, value (median of the runs), ceiling, ratio, target, PASS/FAIL
   R10 two healthy webhooks' delivery rate with a third down (connection refused, no answer,
       500s) vs all three up                                                >= 0.9
 
-Servers are pinned to one CPU and the load generator (wrk, bench.pacer, the sinks of R8-R10) to
-another. Needs wrk
-(apt-get install wrk) and, for --backend postgres/both, a Postgres it may create databases on.
+Servers are pinned to one CPU and the load generator (wrk, bench.pacer, the sinks of R8-R10)
+to another. Needs wrk (apt-get install wrk) and, for --backend postgres/both, a Postgres it
+may create databases on.
 """
 
 
@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("figures", nargs="+", metavar="FIGURE", choices=["all", *FIGURES],
                         help="all, or one or more of R1 ... R10")
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--duration", type=float, default=5.0, metavar="SECONDS", help="per wrk run (default 5)")
+    parser.add_argument("--duration", type=float, default=5.0, metavar="SECONDS",
+                        help="per wrk run, and R8's and R10's steady window (default 5)")
     parser.add_argument("--runs", type=int, default=3, metavar="N",
                         help="interleaved runs per figure; each figure is their median (default 3)")
     parser.add_argument("--connections", type=int, default=32, metavar="C", help="wrk connections (default 32)")

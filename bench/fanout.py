@@ -10,7 +10,8 @@ outbox rows not decoded yet, plus the pending deliveries of the three destinatio
 passes when the pacer got 200s for 97% of the requests the rate asked for, none failed, and
 the backlog is not growing: its mean over the window's last third exceeds its mean over the
 first third by less than 2% of the offered deliveries per second, times the 2/3 window
-between the two thirds' midpoints. Rates rise by doubling from 5,000 events/s until a step
+between the two thirds' midpoints. A step with any delivery dead (or otherwise neither
+pending nor delivered) is an error, not a pass. Rates rise by doubling from 5,000 events/s until a step
 fails, then two bisections between the highest pass and the lowest fail; the figure is the
 highest rate that passed, next to R3 (batch ingest alone) of the same bench run, or measured
 here when R3 was not asked for.
@@ -106,6 +107,17 @@ def pending_by_destination(store: Any) -> dict[str, int]:
     return {name: count for name, count in rows}
 
 
+def check_outcomes(store: Any) -> None:
+    """A step whose deliveries went dead would look bounded while delivering nothing: refuse it."""
+    with store.engine.connect().execution_options(readonly=True) as conn:
+        failed = conn.execute(select(deliveries.c.destination, deliveries.c.state, func.count())
+                              .where(deliveries.c.state.not_in(["pending", "delivered"]))
+                              .group_by(deliveries.c.destination, deliveries.c.state)).all()
+    if failed:
+        raise BenchError("deliveries neither pending nor delivered: "
+                         + ", ".join(f"{name} {state} {count}" for name, state, count in failed))
+
+
 def judge(step: Step, count: dict[str, Any], window: float) -> None:
     asked = step.rate / PER_REQUEST * window
     if count["failed"] or count["answered"] < DELIVERED * asked:
@@ -164,6 +176,7 @@ def _paced(session: Session, port: int, rate: float, window: float, tag: str, st
                 time.sleep(1.0)
             out, err = pacer.communicate(timeout=60)
             step.left = {"outbox rows": _outbox_pending(store), **pending_by_destination(store)}
+            check_outcomes(store)
         finally:
             if pacer.poll() is None:
                 pacer.kill()
