@@ -218,7 +218,13 @@ def _convert(where: str, raw: Any, hint: Any, from_env: bool) -> Any:
     """Coerce one value to the field's type, or raise ConfigError naming ``where``."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        choices = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if set(choices) == {int, str}:
+            # A number or a word (concurrency = 64, or "adaptive"): the adapter checks which.
+            if isinstance(raw, str) and not (from_env and raw.strip().isdigit()):
+                return raw
+            choices = [int]
+        hint = choices[0]
         origin = typing.get_origin(hint)
     if origin is dict:
         if not isinstance(raw, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):

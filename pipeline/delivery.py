@@ -1,5 +1,14 @@
 """Delivering one destination's due events: claim, call the adapter under a renewed lease,
-decide each outcome with the retry policy, record them all in one transaction."""
+decide each outcome with the retry policy, record them all in one transaction.
+
+Several claim lanes run side by side. For an adapter that sends requests concurrently (the
+HTTP ones), the lanes together keep about one and a half times its current limit's worth of
+events in hand (``parallelism`` requests of ``batch_size``, plus half again, at least one
+claim): enough that its senders never wait for a claim, however the adaptive limit moves, and
+no more, so that leases are not taken far ahead of sending and memory does not grow with the
+backlog. An event counts as in hand from its claim until its answer came (not until its batch
+is recorded), so a lane waiting for the last answers of its claim does not hold the others back.
+"""
 
 from __future__ import annotations
 
@@ -29,16 +38,28 @@ class DestinationRunner:
         self.lease_ms = int(lease_seconds * 1000)
         # Lines that come once per lane or per event when the destination is in trouble.
         self.throttled = Throttled(log)
+        # Events claimed and not yet answered, by every lane; and a wake-up for lanes waiting
+        # for room under the target.
+        self.unanswered = 0
+        self._room = asyncio.Event()
+
+    @property
+    def concurrent(self) -> bool:
+        return self.adapter.max_parallelism > 1
+
+    def in_hand_target(self, parallelism: int | None = None) -> int:
+        """Events to keep claimed and unanswered for ``parallelism`` requests in flight."""
+        wanted = (parallelism or self.adapter.parallelism) * self.config.batch_size
+        return wanted + max(self.config.claim_size, wanted // 2)
 
     @property
     def lanes(self) -> int:
-        """Claim loops run side by side: enough batches in hand to keep every one of the
-        adapter's concurrent requests busy, while each claim stays ``claim_size`` rows."""
-        wanted = self.adapter.parallelism * self.config.batch_size
-        lanes = -(-wanted // self.config.claim_size)
-        # A concurrent adapter gets two lanes more, so some lanes claim and record (and finish
-        # the tail of their batch) while the others keep every connection busy.
-        return lanes + 2 if self.adapter.parallelism > 1 else max(1, lanes)
+        """Claim loops run side by side: as many claims as the largest in-hand target holds,
+        and one more, so a lane records while the others keep every request busy. A
+        one-at-a-time adapter (file, database) has one lane per claim its batch needs."""
+        if not self.concurrent:
+            return max(1, -(-self.config.batch_size // self.config.claim_size))
+        return -(-self.in_hand_target(self.adapter.max_parallelism) // self.config.claim_size) + 1
 
     async def drain(self, stopping: Callable[[], bool]) -> int:
         """Deliver due events until none is left (or the worker stops); return how many were tried.
@@ -67,13 +88,46 @@ class DestinationRunner:
             raise errors[0]
         return sum(counts)
 
+    async def _claim_size(self, stopping: Callable[[], bool]) -> int:
+        """How many events this lane claims next (0: the worker is stopping): waits while the
+        destination asked for a pause, or while the lanes hold their target already."""
+        while not stopping():
+            paused = self.adapter.pause_seconds()
+            if paused > 0:
+                await asyncio.sleep(min(paused, 1.0))  # short steps: stopping is seen at once
+                continue
+            if not self.concurrent:
+                return self.config.claim_size
+            room = self.in_hand_target() - self.unanswered
+            if room > 0:
+                # Whole batches, one claim at most.
+                batch = self.config.batch_size
+                return min(self.config.claim_size, max(batch, room // batch * batch))
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass  # look at stopping and the limit again
+        return 0
+
+    def _answered(self, count: int) -> None:
+        self.unanswered -= count
+        self._room.set()
+
     async def _drain_lane(self, stopping: Callable[[], bool]) -> int:
         tried = 0
-        while not stopping():
-            claimed = await asyncio.to_thread(self.queue.claim, self.config.name, self.config.claim_size,
-                                              self.lease_ms)
+        while True:
+            size = await self._claim_size(stopping)
+            if not size:
+                break
+            self.unanswered += size  # reserved before the claim, so that lanes claiming at once share the room
+            try:
+                claimed = await asyncio.to_thread(self.queue.claim, self.config.name, size, self.lease_ms)
+            finally:
+                self._answered(size)
             if not claimed:
                 break
+            self.unanswered += len(claimed)  # each chunk's answer takes its share off
             outcomes = await self._deliver_under_lease(claimed)
             now = now_ms()
             decisions = [(c.id, self.policy.decide(o, c.attempts, c.created_at_ms, now))
@@ -96,7 +150,8 @@ class DestinationRunner:
         second delivery by another lane or worker."""
         renewer = asyncio.create_task(self._renew_until_cancelled(claimed[0].lease, [c.id for c in claimed]))
         try:
-            return await deliver_in_batches(self.adapter, [c.event for c in claimed], self.config.batch_size)
+            return await deliver_in_batches(self.adapter, [c.event for c in claimed], self.config.batch_size,
+                                            self._answered)
         finally:
             renewer.cancel()
             try:
@@ -132,9 +187,20 @@ class DestinationRunner:
                 return  # a lost lease never comes back: its token is not handed out again
 
 
-async def deliver_in_batches(adapter: Destination, events: Sequence[Event], batch_size: int) -> list[Outcome]:
+async def deliver_in_batches(adapter: Destination, events: Sequence[Event], batch_size: int,
+                             answered: Callable[[int], None] | None = None) -> list[Outcome]:
+    """Every chunk of ``batch_size`` to the adapter at once; ``answered(n)`` is told as each
+    chunk's outcomes come (the claim side keeps claiming as answers come, not per claim)."""
     chunks = [list(events[i:i + batch_size]) for i in range(0, len(events), batch_size)]
-    results = await asyncio.gather(*(deliver_isolating(adapter, chunk) for chunk in chunks))
+
+    async def one(chunk: list[Event]) -> list[Outcome]:
+        try:
+            return await deliver_isolating(adapter, chunk)
+        finally:
+            if answered is not None:
+                answered(len(chunk))
+
+    results = await asyncio.gather(*(one(chunk) for chunk in chunks))
     return [outcome for result in results for outcome in result]
 
 

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import and_, case, delete, func, select, update
 
 from pipeline.config import Config
+from pipeline.controllers import ControllerStatus, read_controllers
 from pipeline.decoder import Decoder
 from pipeline.messages import parse_timestamp
 from pipeline.normalise import StoredRequest
@@ -47,6 +48,9 @@ class DestinationStatus:
     dead: int = 0
     delivered_last_hour: int = 0
     oldest_pending_age_seconds: float | None = None
+    # The workers' concurrency controllers for it (pipeline/controllers.py); None when no
+    # running worker reported one (no worker, or a destination that is not HTTP).
+    concurrency: ControllerStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ def status(store: Store, config: Config) -> Status:
         for state, count in conn.execute(select(outbox.c.state, func.count())
                                          .where(outbox.c.state.in_(["pending", "failed"])).group_by(outbox.c.state)):
             setattr(result, f"outbox_{state}", count)
+        for name, controller in read_controllers(conn, now).items():
+            if name in result.destinations:
+                result.destinations[name].concurrency = controller
         result.rejected_total, result.rejected_last_hour = conn.execute(select(
             func.count(), func.coalesce(func.sum(case((rejected.c.received_at_ms >= now - HOUR_MS, 1), else_=0)), 0)
         ).select_from(rejected)).one()

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import loop as event_loop
 from pipeline.config import Config, DestinationConfig, SourceConfig
+from pipeline.controllers import PUBLISH_SECONDS, publish, withdraw
 from pipeline.decoder import Decoder
 from pipeline.delivery import DestinationRunner
 from pipeline.destinations.base import Destination
@@ -37,7 +38,7 @@ from pipeline.migrate import current_revision, head_revision
 from pipeline.operations import orphaned_destinations
 from pipeline.queue import DeliveryQueue
 from pipeline.reload import ConfigSource, reloaded
-from pipeline.store import Store, is_unavailable, normalise_url, short_error
+from pipeline.store import Store, is_unavailable, now_ms, normalise_url, short_error
 from pipeline.wakeup import start_listener
 
 log = logging.getLogger("trackrelay.worker")
@@ -232,6 +233,7 @@ class Worker:
         if self.store is not None and self.store.backend == "sqlite":
             self._add("checkpoint", self._checkpoint, worker.checkpoint_interval_seconds)
         self._add("schema", self._check_schema, SCHEMA_CHECK_SECONDS)
+        self._add("controllers", self._publish_controllers, PUBLISH_SECONDS)
         self.scheduler.start()
 
     def _add(self, job_id: str, job: Callable[[], Awaitable[Any]], seconds: float, first_run_now: bool = True) -> None:
@@ -320,6 +322,14 @@ class Worker:
                       "migrated by another trackrelay version: run that version's worker'", found, self.revision)
             self.outdated.set()
 
+    async def _publish_controllers(self) -> None:
+        """Write each HTTP destination's concurrency limit and round trip for status, the
+        console and /metrics (pipeline/controllers.py)."""
+        assert self.store is not None
+        snapshots = {name: snapshot for name, adapter in self.adapters.items()
+                     if (snapshot := adapter.concurrency_snapshot()) is not None}
+        await asyncio.to_thread(publish, self.store, self.queue.owner, snapshots, now_ms())
+
     async def _retention(self) -> None:
         assert self.store is not None
         await asyncio.to_thread(apply_retention, self.store, self.config.worker)
@@ -348,6 +358,11 @@ class Worker:
             except Exception:
                 log.exception("event=adapter_close_failed destination=%s", adapter.name)
         if self.store is not None:
+            try:
+                if hasattr(self, "queue"):
+                    await asyncio.to_thread(withdraw, self.store, self.queue.owner)
+            except SQLAlchemyError as exc:  # a database that is away: the rows go stale instead
+                log.warning("event=controllers_not_withdrawn error=%r", short_error(exc))
             self.store.dispose()
         if self._lock_file is not None:
             self._lock_file.close()

@@ -9,6 +9,7 @@ import sys
 import orjson
 
 from pipeline.config import Config
+from pipeline.controllers import ControllerStatus
 from pipeline.operations import discard_orphaned, orphaned_destinations, parse_moment, replay_deliveries, replay_outbox, status
 from pipeline.store import Store
 
@@ -22,14 +23,15 @@ def status_command(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(dataclasses.asdict(result), option=orjson.OPT_INDENT_2).decode())
         return 0
-    header = ("destination", "pending", "in_flight", "retrying", "dead", "delivered_1h", "oldest_pending")
+    header = ("destination", "pending", "in_flight", "retrying", "dead", "delivered_1h", "oldest_pending",
+              "concurrency", "rtt")
     rows = [header]
     for name, d in sorted(result.destinations.items()):
         oldest = "-" if d.oldest_pending_age_seconds is None else f"{d.oldest_pending_age_seconds:.1f}s"
         if name in result.orphaned:
             name += " (orphaned)"
         rows.append((name, str(d.pending), str(d.in_flight), str(d.retrying), str(d.dead),
-                     str(d.delivered_last_hour), oldest))
+                     str(d.delivered_last_hour), oldest, *concurrency_cells(d.concurrency)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -39,6 +41,19 @@ def status_command(config: Config, args: argparse.Namespace) -> int:
         print(f"orphaned (not configured; their deliveries wait until configured again or "
               f"`trackrelay discard --destination NAME`): {', '.join(result.orphaned)}")
     return 0
+
+
+def concurrency_cells(controller: ControllerStatus | None) -> tuple[str, str]:
+    """``limit/max`` (adaptive) or ``limit(fixed)``, summed over the workers, and the round
+    trip; dashes when no worker reports one."""
+    if controller is None:
+        return "-", "-"
+    if controller.mode == "fixed":
+        limit = f"{controller.limit}(fixed)"
+    else:
+        limit = f"{controller.limit}/{controller.max_concurrency}"
+    rtt = "-" if controller.rtt_ms is None else f"{controller.rtt_ms:.1f}ms"
+    return limit, rtt
 
 
 def discard_command(config: Config, args: argparse.Namespace) -> int:

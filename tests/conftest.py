@@ -34,9 +34,13 @@ _counter = itertools.count()
 
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests see no TRACKRELAY_* settings from the shell that runs them."""
+    """Tests see no TRACKRELAY_* or proxy settings from the shell that runs them."""
     for name in list(os.environ):
         if name.startswith("TRACKRELAY_") and name != "TRACKRELAY_TEST_POSTGRES_URL":
+            monkeypatch.delenv(name)
+        # The HTTP destinations honour the proxy variables: a shell's proxy must not carry the
+        # tests' loopback requests (tests/test_proxy.py sets its own).
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
             monkeypatch.delenv(name)
     # The console's default port is fixed (8089): servers started by tests run without it, so
     # that two at once do not collide. The console's own tests set their port (CONSOLE_OFF).

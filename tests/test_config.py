@@ -283,6 +283,7 @@ def test_fractional_retry_after_is_accepted(tmp_path: Path) -> None:
 
 NULL_HOOK = '[[destinations]]\nname = "hook"\ntype = "null"\n'
 
+WEBHOOK = '[[destinations]]\nname = "hook"\ntype = "webhook"\nurl = "http://127.0.0.1:9/in"\n'
 DESTINATION_ERRORS = {
     "duplicate_name": (NULL_HOOK + NULL_HOOK, "[[destinations]] hook name: used twice"),
     "source_lists_unknown_destination": (
@@ -300,6 +301,17 @@ DESTINATION_ERRORS = {
                                 "[[destinations]] hook url: required"),
     "missing_type": ('[[destinations]]\nname = "hook"\n',
                      "[[destinations]] hook type: required, the name of an installed destination type"),
+    "concurrency_word": (WEBHOOK + 'concurrency = "fast"\n',
+                         ("[[destinations]] hook: destination 'hook': concurrency must be \"adaptive\" or an "
+                          "integer of at least 1, got 'fast'")),
+    "concurrency_zero": (WEBHOOK + "concurrency = 0\n",
+                         ("[[destinations]] hook: destination 'hook': concurrency must be \"adaptive\" or an "
+                          "integer of at least 1, got 0")),
+    "concurrency_fraction": (WEBHOOK + "concurrency = 2.5\n",
+                             "[[destinations]] hook concurrency: expected an integer, got 2.5"),
+    "max_concurrency_zero": (WEBHOOK + "max_concurrency = 0\n",
+                             ("[[destinations]] hook: destination 'hook': max_concurrency must be an integer of "
+                              "at least 1, got 0")),
 }
 
 
@@ -316,6 +328,15 @@ def test_an_unknown_destination_type_names_the_installed_ones(tmp_path: Path) ->
     installed = message[len(prefix):-1].split(", ")
     assert {"webhook", "segment", "file", "database", "log", "null"} <= set(installed)
     assert installed == sorted(installed)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("", ("adaptive", 256)), ('concurrency = "adaptive"\n', ("adaptive", 256)), ("concurrency = 64\n", (64, 256)),
+    ("max_concurrency = 1024\n", ("adaptive", 1024))])
+def test_concurrency_is_adaptive_unless_a_number_fixes_it(tmp_path: Path, setting: str,
+                                                          expected: tuple[Any, int]) -> None:
+    (hook,) = load(tmp_path, WEBHOOK + setting).destinations
+    assert (hook.options.concurrency, hook.options.max_concurrency) == expected
 
 
 def test_fractional_retry_seconds_are_accepted_for_a_destination(tmp_path: Path) -> None:

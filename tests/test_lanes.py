@@ -89,9 +89,11 @@ def test_one_failing_lane_ends_drain_only_after_the_others_recorded_their_batch(
     delivery_ids = {f"m{i}": add_delivery(store, add_event(store, f"m{i}")) for i in range(40)}
     config = DestinationConfig(name="hook", type="fake", options=NoOptions(), batch_size=BATCH, claim_size=BATCH)
     queue = QueueFailingFirstRecord(store)
-    adapter = LanesHeldFake(lanes=4)
+    adapter = LanesHeldFake(lanes=3)
     runner = DestinationRunner(config, adapter, queue, lease_seconds=60)
-    assert runner.lanes == adapter.lanes  # two connections' worth of batches, and two lanes more
+    # Two requests' worth of batches in hand, and a claim more; one lane more than that waits
+    # for room.
+    assert runner.in_hand_target() == adapter.lanes * BATCH and runner.lanes == adapter.lanes + 1
 
     async def main() -> set[asyncio.Task[Any]]:
         drain = asyncio.create_task(runner.drain(lambda: False))
@@ -109,7 +111,9 @@ def test_one_failing_lane_ends_drain_only_after_the_others_recorded_their_batch(
 
     assert asyncio.run(main()) == set()
     assert adapter.calls_after_close == 0
-    assert len(adapter.calls) == 4  # one batch per lane: none claimed after the failure
+    # One batch per lane at most: none claimed after the failure. (The fourth lane may have
+    # claimed when m0's batch was answered, before its record failed.)
+    assert 3 <= len(adapter.calls) <= runner.lanes
     states = {d["id"]: (d["state"], d["attempts"], d["locked_by"] is not None) for d in rows(store, "deliveries")}
     (failed_batch,) = [sent for sent in adapter.calls if "m0" in sent]
     for sent in adapter.calls:
@@ -117,7 +121,7 @@ def test_one_failing_lane_ends_drain_only_after_the_others_recorded_their_batch(
         expected = ("pending", 1, True) if sent is failed_batch else ("delivered", 1, False)
         assert [states.pop(delivery_ids[m]) for m in sent] == [expected] * BATCH
     assert set(states.values()) == {("pending", 0, False)}
-    assert len(states) == 40 - 4 * BATCH
+    assert len(states) == 40 - len(adapter.calls) * BATCH
 
 
 class QueueFailingEveryRecord(DeliveryQueue):

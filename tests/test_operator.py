@@ -4,6 +4,7 @@ by type, by time, pending-but-not-leased, from the outbox, dry runs, usage error
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -12,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from pipeline.controllers import STALE_MS, publish
 from pipeline.decoder import Decoder
+from pipeline.destinations.concurrency import Snapshot
 from pipeline.operations import parse_moment
 from pipeline.queue import DeliveryQueue
 from pipeline.store import Store, now_ms
@@ -228,22 +231,29 @@ def test_status_prints_a_row_per_destination_and_the_outbox_and_rejected_counts(
                                      "code": "invalid_json", "reason": "bad"}
                                     for at in (now, now - 60_000, now - 3 * HOUR_MS)])
 
+    # Two workers' controllers for the hook (summed), and one that stopped reporting long ago.
+    snapshot = Snapshot("adaptive", 12, 256, 3, 48.0, 40.0, 1, 2)
+    publish(store, "host:1", {"hook": snapshot}, now)
+    publish(store, "host:2", {"hook": dataclasses.replace(snapshot, limit=20, rtt_ms=52.0)}, now - 1000)
+    publish(store, "host:3", {"hook": snapshot, "warehouse": snapshot}, now - STALE_MS - 1000)
+
     code, out, err = trackrelay("status")
 
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert [line.split() for line in lines[:4]] == [
-        ["destination", "pending", "in_flight", "retrying", "dead", "delivered_1h", "oldest_pending"],
-        ["hook", "1", "1", "1", "2", "1", lines[1].split()[-1]],
-        ["legacy", "(orphaned)", "0", "0", "0", "1", "0", "-"],
-        ["warehouse", "0", "0", "0", "0", "1", "-"],
+        ["destination", "pending", "in_flight", "retrying", "dead", "delivered_1h", "oldest_pending",
+         "concurrency", "rtt"],
+        ["hook", "1", "1", "1", "2", "1", lines[1].split()[-3], "32/512", "50.0ms"],
+        ["legacy", "(orphaned)", "0", "0", "0", "1", "0", "-", "-", "-"],
+        ["warehouse", "0", "0", "0", "0", "1", "-", "-", "-"],
     ]
-    oldest = lines[1].split()[-1]
+    oldest = lines[1].split()[-3]
     assert oldest.endswith("s") and 120.0 <= float(oldest[:-1]) < 180.0
     starts = [lines[0].index(name) for name in lines[0].split()]
     # aligned (the orphan's name cell holds a space: "legacy (orphaned)")
     assert all([line[start:].split()[0] for start in starts] == line.split() for line in lines[:4] if "(" not in line)
-    assert [lines[2][start:].split()[0] for start in starts[1:]] == ["0", "0", "0", "1", "0", "-"]
+    assert [lines[2][start:].split()[0] for start in starts[1:]] == ["0", "0", "0", "1", "0", "-", "-", "-"]
     assert lines[4:] == ["outbox pending: 1, failed to decode: 2", "rejected: 3 (last hour: 2)",
                          "orphaned (not configured; their deliveries wait until configured again or "
                          "`trackrelay discard --destination NAME`): legacy"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import base64
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -176,9 +177,14 @@ def test_a_url_that_is_not_http_fails_at_construction(url: str) -> None:
         WebhookDestination("hook", WebhookOptions(url=url), 1)
 
 
-@pytest.mark.parametrize(("batch_size", "settings"), [(0, {}), (1, {"concurrency": 0}), (1, {"timeout_seconds": 0.0})])
-def test_settings_out_of_range_fail_at_construction(batch_size: int, settings: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="destination 'hook': batch_size and concurrency must be at least 1"):
+@pytest.mark.parametrize(("batch_size", "settings", "problem"), [
+    (0, {}, "batch_size must be at least 1 and timeout_seconds above 0"),
+    (1, {"timeout_seconds": 0.0}, "batch_size must be at least 1 and timeout_seconds above 0"),
+    (1, {"concurrency": 0}, 'concurrency must be "adaptive" or an integer of at least 1, got 0'),
+    (1, {"concurrency": "fast"}, "concurrency must be \"adaptive\" or an integer of at least 1, got 'fast'"),
+    (1, {"max_concurrency": 0}, "max_concurrency must be an integer of at least 1, got 0")])
+def test_settings_out_of_range_fail_at_construction(batch_size: int, settings: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"destination 'hook': {problem}")):
         WebhookDestination("hook", WebhookOptions(url="http://127.0.0.1:9/in", **settings), batch_size)
 
 

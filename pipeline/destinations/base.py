@@ -71,6 +71,21 @@ class Destination:
         adapter's connection count); the worker claims enough to keep them all busy."""
         return 1
 
+    @property
+    def max_parallelism(self) -> int:
+        """The most :attr:`parallelism` can become (an adaptive limit's ceiling)."""
+        return self.parallelism
+
+    def pause_seconds(self) -> float:
+        """How long the destination asked for nothing more to be sent (``Retry-After``): the
+        worker claims nothing for it until then."""
+        return 0.0
+
+    def concurrency_snapshot(self) -> Any:
+        """The adapter's concurrency controller as a
+        :class:`pipeline.destinations.concurrency.Snapshot`, or None (not an HTTP adapter)."""
+        return None
+
     async def start(self) -> None:
         """Open connections, files, pools. Called once before the first ``deliver``."""
 

@@ -56,7 +56,7 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
+def header_value(headers: Mapping[str, str], name: str) -> str | None:
     # Case-insensitive for any mapping (httpx and Tornado headers, or a plain dict).
     wanted = name.lower()
     return next((value for key, value in headers.items() if key.lower() == wanted), None)
@@ -68,7 +68,7 @@ def outcome_for_status(status: int, headers: Mapping[str, str], body_text: str) 
         return DELIVERED
     reason = status_reason(status, body_text)
     if is_retryable_status(status):
-        return retry(reason, retry_after_seconds(_header(headers, "Retry-After")))
+        return retry(reason, retry_after_seconds(header_value(headers, "Retry-After")))
     return rejected(reason)
 
 

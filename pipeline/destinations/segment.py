@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from pipeline.destinations.base import DELIVERED, Event, Outcome, rejected, retry
+from pipeline.destinations.concurrency import ADAPTIVE, DEFAULT_MAX_CONCURRENCY
 from pipeline.destinations.http import BODY_EXCERPT_CHARS, outcome_for_status
 from pipeline.destinations.httpclient import Response
 from pipeline.destinations.webhook import WebhookDestination
@@ -33,7 +34,9 @@ class SegmentOptions:
     url: str
     write_key: str
     timeout_seconds: float = 10.0
-    concurrency: int = 4
+    # As the webhook's: "adaptive" (Segment answers 429 when it wants less) or a fixed number.
+    concurrency: int | str = ADAPTIVE
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     gzip: bool = False
 
 

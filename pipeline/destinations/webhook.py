@@ -1,11 +1,19 @@
 """The ``webhook`` destination: POST events as JSON to a URL over pooled keep-alive connections.
 
 ``batch_size = 1`` sends each event as the request body; a larger ``batch_size`` sends
-``{"batch": [...]}`` (the Segment batch shape) per chunk. At most ``concurrency`` requests are
-in flight at once, however many chunks a ``deliver`` call holds: ``concurrency`` sender tasks
-take encoded requests from one queue, each sending its next request in the same step that
-reads the answer to its last, as a load generator does. (With a semaphore, the next request
-waited a turn of the event loop behind every other callback, and the destination idled.)
+``{"batch": [...]}`` (the Segment batch shape) per chunk.
+
+How many requests are in flight at once is the destination's ``concurrency``: a number fixes
+it; ``"adaptive"`` (the default) lets an AIMD controller find it, up to ``max_concurrency``
+(pipeline/destinations/concurrency.py). Sender tasks, as many as the limit, take encoded
+requests from one queue, each sending its next request in the same step that reads the answer
+to its last, as a load generator does. (With a semaphore, the next request waited a turn of
+the event loop behind every other callback, and the destination idled.) When the limit grows,
+senders are added; when it is cut, senders end as they finish a request.
+
+An answer with ``Retry-After`` (a ``429`` or ``503`` saying how long to wait) pauses the whole
+destination: until then nothing more is sent, and :meth:`pause_seconds` tells the claim side
+to claim nothing either.
 """
 
 from __future__ import annotations
@@ -14,19 +22,26 @@ import asyncio
 import base64
 import re
 from collections.abc import Sequence
+import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 import httpx
 import orjson
 
-from pipeline.destinations.base import Destination, Event, Outcome, rejected
-from pipeline.destinations.http import outcome_for_exception, outcome_for_status
-from pipeline.destinations.httpclient import ClientClosed, HttpClient, HttpError, Response, environment_proxy
+from pipeline.destinations.base import Destination, Event, Outcome, rejected, retry
+from pipeline.destinations.concurrency import (ADAPTIVE, DEFAULT_MAX_CONCURRENCY, Concurrency, Snapshot,
+                                               check_concurrency, controller_for)
+from pipeline.destinations.http import header_value, outcome_for_exception, outcome_for_status, retry_after_seconds
+from pipeline.destinations.httpclient import (ClientClosed, ConnectError, HttpClient, HttpError, HttpTimeout,
+                                              RemoteProtocolError, Response, environment_proxy)
 
 # A request waiting for a sender, and where its answer (or the error instead) goes.
 Pending = tuple[bytes, "asyncio.Future[Response]"]
 
+
+# Answers that say "too many requests": the adaptive limit is cut, a Retry-After pauses.
+PUSH_BACK_STATUSES = frozenset({429, 503})
 
 FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
@@ -41,7 +56,15 @@ class WebhookOptions:
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     timeout_seconds: float = 10.0
-    concurrency: int = 8
+    # "adaptive" or a fixed number of requests in flight (pipeline/destinations/concurrency.py).
+    concurrency: int | str = ADAPTIVE
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+
+
+def is_push_back(exc: Exception) -> bool:
+    """A failure that says the destination (or the way to it) is overloaded: a timeout, a
+    refused or reset connection, a connection closed without an answer."""
+    return isinstance(exc, (HttpTimeout, ConnectError, RemoteProtocolError))
 
 
 def user_agent() -> str:
@@ -64,13 +87,24 @@ class WebhookDestination(Destination):
 
     @property
     def parallelism(self) -> int:
-        return self.options.concurrency
+        """Requests in flight now allowed: the claim side keeps that many requests' worth of
+        events in hand (pipeline/delivery.py), following an adaptive limit as it moves."""
+        return self.controller.limit
+
+    @property
+    def max_parallelism(self) -> int:
+        return self.controller.max_concurrency
 
     def __init__(self, name: str, options: WebhookOptions, batch_size: int) -> None:
         super().__init__(name, options, batch_size)
-        if batch_size < 1 or options.concurrency < 1 or options.timeout_seconds <= 0:
-            raise ValueError(f"destination {name!r}: batch_size and concurrency must be at least 1 "
-                             "and timeout_seconds above 0")
+        if batch_size < 1 or options.timeout_seconds <= 0:
+            raise ValueError(f"destination {name!r}: batch_size must be at least 1 and timeout_seconds above 0")
+        problem = check_concurrency(options.concurrency, options.max_concurrency)
+        if problem:
+            raise ValueError(f"destination {name!r}: {problem}")
+        self.controller: Concurrency = controller_for(options.concurrency, options.max_concurrency)
+        # Monotonic time until which the destination asked us (Retry-After) to send nothing.
+        self._resume_at = 0.0
         try:
             url = httpx.URL(self.endpoint())
         except httpx.InvalidURL as exc:
@@ -89,7 +123,7 @@ class WebhookDestination(Destination):
         self._client: HttpClient | None = None
         self._head = b""
         self._pending: asyncio.Queue[Pending] | None = None
-        self._senders: list[asyncio.Task[None]] = []
+        self._senders: set[asyncio.Task[None]] = set()
 
     def endpoint(self) -> str:
         return self.options.url
@@ -109,7 +143,7 @@ class WebhookDestination(Destination):
         return [outcome] * len(chunk)
 
     async def start(self) -> None:
-        concurrency, url = self.options.concurrency, self._url
+        concurrency, url = self.controller.max_concurrency, self._url
         host = url.raw_host.decode("ascii")
         self._client = HttpClient(url.scheme, host, url.port, timeout=self.options.timeout_seconds,
                                   pool_size=concurrency, proxy=environment_proxy(url.scheme, host, url.port))
@@ -124,11 +158,10 @@ class WebhookDestination(Destination):
         lines += [f"{name}: {value}".encode("ascii") for name, value in headers.values()]
         self._head = b"\r\n".join(lines) + b"\r\n"  # each request adds its own headers and the length
         self._pending = asyncio.Queue()
-        self._senders = [asyncio.create_task(self._sender(self._client, self._pending), name=f"{self.name}-sender")
-                         for _ in range(concurrency)]
+        self._add_senders()
 
     async def close(self) -> None:
-        senders, self._senders = self._senders, []
+        senders, self._senders = list(self._senders), set()
         for sender in senders:
             sender.cancel()
         await asyncio.gather(*senders, return_exceptions=True)
@@ -141,24 +174,52 @@ class WebhookDestination(Destination):
             await self._client.aclose()
             self._client = None
 
-    @staticmethod
-    async def _sender(client: HttpClient, pending: asyncio.Queue[Pending]) -> None:
-        while True:
-            request, answer = await pending.get()  # no wait while requests are queued
-            if answer.done():
-                continue  # its caller was cancelled while it waited
-            try:
-                response = await client.send(request)
-            except Exception as exc:  # HttpError, or a bug of ours: the caller's to handle, not ours to die of
-                if not answer.done():
-                    answer.set_exception(exc)
-            except asyncio.CancelledError:
-                if not answer.done():
-                    answer.set_exception(ClientClosed("the destination was closed during this request"))
-                raise
-            else:
-                if not answer.done():
-                    answer.set_result(response)
+    def concurrency_snapshot(self) -> Snapshot:
+        return self.controller.snapshot()
+
+    def pause_seconds(self) -> float:
+        return max(0.0, self._resume_at - time.monotonic())
+
+    def _add_senders(self) -> None:
+        """As many sender tasks as the limit allows (a cut retires them as they finish)."""
+        while len(self._senders) < self.controller.limit and self._pending is not None:
+            self._senders.add(asyncio.create_task(self._sender(), name=f"{self.name}-sender"))
+
+    async def _sender(self) -> None:
+        task = asyncio.current_task()
+        client, pending, controller = self._client, self._pending, self.controller
+        assert client is not None and pending is not None and task is not None
+        try:
+            while len(self._senders) <= controller.limit:
+                request, answer = await pending.get()  # no wait while requests are queued
+                if answer.done():
+                    continue  # its caller was cancelled while it waited
+                controller.started()
+                sent = time.monotonic()
+                try:
+                    response = await client.send(request)
+                except Exception as exc:  # HttpError, or a bug of ours: the caller's to handle, not ours to die of
+                    controller.finished(time.monotonic() - sent, pushed_back=is_push_back(exc))
+                    if not answer.done():
+                        answer.set_exception(exc)
+                except asyncio.CancelledError:
+                    controller.finished(time.monotonic() - sent, pushed_back=False)
+                    if not answer.done():
+                        answer.set_exception(ClientClosed("the destination was closed during this request"))
+                    raise
+                else:
+                    now = time.monotonic()
+                    controller.finished(now - sent, pushed_back=response.status_code in PUSH_BACK_STATUSES)
+                    if response.status_code in PUSH_BACK_STATUSES:
+                        wait = retry_after_seconds(header_value(response.headers, "Retry-After"))
+                        if wait:
+                            self._resume_at = max(self._resume_at, now + wait)
+                    if not answer.done():
+                        answer.set_result(response)
+                if len(self._senders) < controller.limit:
+                    self._add_senders()
+        finally:
+            self._senders.discard(task)
 
     async def deliver(self, events: Sequence[Event]) -> list[Outcome]:
         size = self.batch_size
@@ -180,6 +241,11 @@ class WebhookDestination(Destination):
         answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         if self._pending is None:  # closed while encoding
             return [outcome_for_exception(ClientClosed("the destination was closed"))] * len(chunk)
+        paused = self.pause_seconds()
+        if paused:
+            # Not sent: the destination asked for a pause; these go again once it is over.
+            return [retry(f"not sent: the destination asked to wait {paused:.1f} s more (Retry-After)",
+                          paused)] * len(chunk)
         self._pending.put_nowait((request, answer))
         try:
             response = await answer

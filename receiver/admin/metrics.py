@@ -43,12 +43,23 @@ class DatabaseCollector(Collector):
                                        labels=["destination", "state"])
         oldest = GaugeMetricFamily("trackrelay_oldest_pending_age_seconds", "Age of the oldest pending "
                                    "delivery (0: none pending)", labels=["destination"])
+        limit = GaugeMetricFamily("trackrelay_concurrency_limit", "Requests in flight the workers' concurrency "
+                                  "controllers now allow, summed over the workers", labels=["destination"])
+        in_flight = GaugeMetricFamily("trackrelay_concurrency_in_flight", "Requests in flight to the destination, "
+                                      "summed over the workers", labels=["destination"])
+        rtt = GaugeMetricFamily("trackrelay_round_trip_seconds", "Mean round trip of the last window of "
+                                "requests (the adaptive limit's measure)", labels=["destination"])
         for name, entry in sorted(figures.destinations.items()):
             for state in DELIVERY_STATES:
                 deliveries.add_metric([name, state], getattr(entry, state))
             oldest.add_metric([name], entry.oldest_pending_age_seconds or 0.0)
-        yield deliveries
-        yield oldest
+            controller = entry.concurrency
+            if controller is not None:
+                limit.add_metric([name], controller.limit)
+                in_flight.add_metric([name], controller.in_flight)
+                if controller.rtt_ms is not None:
+                    rtt.add_metric([name], controller.rtt_ms / 1000)
+        yield from (deliveries, oldest, limit, in_flight, rtt)
 
 
 def scrape_registry(ctx: AdminContext) -> CollectorRegistry:
