@@ -157,6 +157,10 @@ class DestinationSettings:
     max_age_seconds: float = 10800.0
     # Deliveries claimed per round; the adapter receives them batch_size at a time.
     claim_size: int = 100
+    # "user": one user's events (userId, else anonymousId) reach this destination in the
+    # order they were stored, one at a time, and a retry holds that user's later events back
+    # (README, Per-user ordering). "none": no order is kept.
+    ordering: str = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -414,6 +418,7 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     return config
 
 
+ORDERINGS = ("none", "user")
 _COMMON_DESTINATION_KEYS = {f.name for f in dataclasses.fields(DestinationConfig)} - {"options"}
 
 
@@ -469,6 +474,8 @@ def _check_destination(dest: DestinationConfig, where: str) -> None:
             raise ConfigError(f"{where} types: {kind!r} is not one of {', '.join(MESSAGE_TYPES)}")
     if dest.claim_size < dest.batch_size:
         raise ConfigError(f"{where} claim_size: must be at least batch_size")
+    if dest.ordering not in ORDERINGS:
+        raise ConfigError(f"{where} ordering: must be one of {', '.join(map(repr, ORDERINGS))}, got {dest.ordering!r}")
 
 
 def is_loopback(host: str) -> bool:

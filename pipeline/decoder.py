@@ -42,6 +42,20 @@ _DELIVERY_COLUMNS = "event_id, destination, state, attempts, created_at_ms, next
 _SQLITE_INSERT_DELIVERIES = f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES (?, ?, 'pending', 0, ?, ?)"
 _PG_INSERT_DELIVERIES = (f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) "
                          "SELECT e, d, 'pending', 0, %s, %s FROM unnest(%b::bigint[], %b::text[]) AS t(e, d)")
+# A group with deliveries to an ordered destination (ordering = "user") also stores their
+# user_key; the others keep the statement above, so destinations without ordering pay nothing.
+_SQLITE_INSERT_ORDERED = (f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}, user_key) "
+                          "VALUES (?, ?, 'pending', 0, ?, ?, ?)")
+# Their ids are the order (ids in the order of the arrays, hence the ORDER BY).
+_PG_INSERT_ORDERED = (f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}, user_key) "
+                      "SELECT e, d, 'pending', 0, %s, %s, u FROM unnest(%b::bigint[], %b::text[], %b::text[]) "
+                      "WITH ORDINALITY AS t(e, d, u, n) ORDER BY n")
+# Per-user ordering delivers one user's events in delivery id order, so the outbox must be
+# decoded in its own order: with several Postgres workers decoding side by side, the group of
+# later rows could take its ids (or commit) first, and its events would go out before the
+# earlier group's (seen in tests/test_ordering.py). With an ordered destination configured,
+# decode transactions take turns on this lock (any constant key: "trackrelay decode").
+_PG_DECODE_IN_TURN = "SELECT pg_advisory_xact_lock(7402684730285466911)"
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,7 @@ class Decoder:
         self.config = config
         self.sources = SourceRegistry(config.sources)
         self.router = Router(config.destinations, config.sources)
+        self.ordered = frozenset(d.name for d in config.destinations if d.ordering == "user")
         # Rows to read for the next group: about decode_batch_events worth, learnt from the
         # events per row of the group before, so bodies beyond the budget are not read.
         self._rows_hint: int | None = None
@@ -127,6 +142,8 @@ class Decoder:
             count_refused_items(item.problem.code for _, x in expanded for item in x.refused)
             return replace(result, more=more)
         with self.store.engine.begin() as conn:
+            if self.ordered:
+                conn.exec_driver_sql(_PG_DECODE_IN_TURN)
             # Several workers may share a Postgres database: each takes rows nobody holds.
             requests = [StoredRequest(**row._mapping)
                         for row in conn.execute(query.with_for_update(skip_locked=True))]
@@ -212,7 +229,7 @@ class Decoder:
             seen.add(event_id)
             for name in self.router.destinations_for(event.source, event.payload):
                 if only_destination is None or name == only_destination:
-                    planned.append((event_id, name))
+                    planned.append((event_id, name, user_key(event.payload) if name in self.ordered else None))
         if planned:
             self._insert_deliveries(conn, planned, now)
         if refused_rows:
@@ -244,12 +261,19 @@ class Decoder:
         return {(source, message_id): event_id for event_id, source, message_id in conn.exec_driver_sql(
             "SELECT id, source, message_id FROM events WHERE id > ?", (before,))}
 
-    def _insert_deliveries(self, conn: Connection, planned: list[tuple[int, str]], now: int) -> None:
+    def _insert_deliveries(self, conn: Connection, planned: list[tuple[int, str, str | None]], now: int) -> None:
+        """``planned``: (event id, destination, user key or None) for each delivery."""
+        ordered = any(key is not None for _, _, key in planned)
         if self.store.backend == "postgresql":
-            event_ids, names = zip(*planned)
-            conn.exec_driver_sql(_PG_INSERT_DELIVERIES, (now, now, list(event_ids), list(names)))
+            event_ids, names, keys = zip(*planned)
+            if ordered:
+                conn.exec_driver_sql(_PG_INSERT_ORDERED, (now, now, list(event_ids), list(names), list(keys)))
+            else:
+                conn.exec_driver_sql(_PG_INSERT_DELIVERIES, (now, now, list(event_ids), list(names)))
+        elif ordered:
+            conn.exec_driver_sql(_SQLITE_INSERT_ORDERED, [(e, name, now, now, key) for e, name, key in planned])
         else:
-            conn.exec_driver_sql(_SQLITE_INSERT_DELIVERIES, [(event_id, name, now, now) for event_id, name in planned])
+            conn.exec_driver_sql(_SQLITE_INSERT_DELIVERIES, [(e, name, now, now) for e, name, _ in planned])
 
     def _existing_ids(self, conn: Connection, wanted: Iterable[DecodedEvent]) -> dict[tuple[str, str], int]:
         keys = list({(e.source, e.message_id) for e in wanted})

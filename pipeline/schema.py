@@ -118,7 +118,17 @@ deliveries = Table(
     Column("last_attempt_at_ms", BigInteger, nullable=True),
     Column("finished_at_ms", BigInteger, nullable=True),
     Column("last_error", Text, nullable=True),
+    # Whose event it is (events.user_id), copied at fan-out only for a destination with
+    # ordering = "user": a delivery with a user_key is claimed only once no earlier delivery of
+    # that user to that destination is pending (pipeline.queue). NULL means unordered.
+    Column("user_key", Text, nullable=True),
     Index("ix_deliveries_claim", "destination", "state", "next_attempt_at_ms", "id"),
+    # The claim's "an earlier delivery of this user is pending" probe (migration 0007). Partial:
+    # only ordered deliveries still pending are in it, so unordered destinations never write to
+    # it, and it stays as small as the ordered backlog.
+    Index("ix_deliveries_user_order", "destination", "user_key", "id",
+          postgresql_where=text("state = 'pending' AND user_key IS NOT NULL"),
+          sqlite_where=text("state = 'pending' AND user_key IS NOT NULL")),
     Index("ix_deliveries_event_id", "event_id"),
     Index("ix_deliveries_state_finished_at_ms", "state", "finished_at_ms"),
     postgresql_with={"fillfactor": DELIVERIES_FILLFACTOR},
