@@ -77,7 +77,7 @@ def fill(store: Store, rows: int, held: int, held_due: bool = False) -> None:
                 columns + f"SELECT {event_id}, 'held', 'pending', 1, {now}, "
                 f"CASE WHEN i <= {USERS} THEN {now + HOUR_MS} ELSE {later_at} END, NULL, NULL, "
                 f"'user-' || (i - i / {USERS} * {USERS}) FROM ({numbers.format(n=held)}) AS n")
-    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with store.engine.begin() as conn:  # (a SQLite connection in AUTOCOMMIT mode rolled it back)
         conn.exec_driver_sql("ANALYZE")
 
 

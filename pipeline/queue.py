@@ -18,9 +18,10 @@ Contract (every call is blocking and runs its own short transaction):
   with ``ordering = "user"``) is due only while no earlier delivery (lower id) of that user to
   that destination is pending, so a claim never takes a user's later delivery while an earlier
   one is due, leased or waiting for a retry, and at most one of a user's deliveries per
-  destination is leased at a time (but for a replayed one: see the README). That holds across concurrent claims on Postgres: leasing
-  leaves ``state`` alone, so every claim sees the earlier delivery pending until the
-  transaction recording its outcome has committed. A dead delivery no longer holds anything.
+  destination is leased at a time (a replayed one aside: see the README). That holds across
+  concurrent claims on Postgres: leasing leaves ``state`` alone, so every claim sees the
+  earlier delivery pending until the transaction recording its outcome has committed. A dead
+  delivery no longer holds anything.
 - ``renew(lease, ids, lease_ms)`` extends the rows that lease still holds; others are ignored.
 - ``record(lease, decisions)`` stores outcomes in one transaction, only for rows that lease
   still holds. The token is per claim, not per worker: a worker's lanes claim side by side, and
@@ -96,11 +97,24 @@ _PG_DELIVERED = _DELIVERED_SET.format(mark="%s", state="state") + "id = ANY(%b::
 # 100k held deliveries a claim took 90 ms on SQLite, 620 ms on Postgres). The head's key is
 # read back only if the retry was just recorded for it (no lease, the new next attempt), so a
 # lane whose lease ran out moves nothing; an unordered delivery has no key and matches nothing.
-_HOLD_LATER = text(
+_SQLITE_HOLD_LATER = text(
     "UPDATE deliveries SET next_attempt_at_ms = :b_next WHERE state = 'pending' AND id > :b_id "
     "AND destination = (SELECT h.destination FROM deliveries h WHERE h.id = :b_id) "
     "AND user_key = (SELECT h.user_key FROM deliveries h WHERE h.id = :b_id AND h.state = 'pending' "
     "AND h.locked_by IS NULL AND h.next_attempt_at_ms = :b_next) AND next_attempt_at_ms < :b_next")
+# Postgres: one statement for the whole record, not one per retry (100 retries of an unordered
+# destination cost 1.35 ms more per record that way, on a 4.4 ms record, against 0.4 ms). The
+# heads are looked up by primary key, one by one: with the head's conditions beside the id, or
+# without "OFFSET 0" (which keeps them out of the subquery), the planner read the heads from the
+# partial index instead, all of it (a hash join, or a scan per head), cheap only while it is small.
+_PG_HOLD_LATER = ("UPDATE deliveries SET next_attempt_at_ms = r.next_at "
+                  "FROM unnest(%b::bigint[], %b::bigint[]) AS r(id, next_at), "
+                  "LATERAL (SELECT d.id, d.destination, d.user_key, d.state, d.locked_by, d.next_attempt_at_ms "
+                  "FROM deliveries d WHERE d.id = r.id OFFSET 0) AS h "
+                  "WHERE h.user_key IS NOT NULL AND h.state = 'pending' AND h.locked_by IS NULL "
+                  "AND h.next_attempt_at_ms = r.next_at AND deliveries.destination = h.destination "
+                  "AND deliveries.user_key = h.user_key AND deliveries.state = 'pending' AND deliveries.id > h.id "
+                  "AND deliveries.next_attempt_at_ms < r.next_at")
 
 
 # locked_by is VARCHAR(64) (Postgres enforces it): an owner of up to 50 characters leaves room
@@ -246,6 +260,16 @@ class DeliveryQueue:
             return [(r[0], r[1], r[3]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + _SQLITE_DUE,
                                                                (destination, now, now, limit))]
 
+    def hold_later_plan(self, retried: Sequence[tuple[int, int]]) -> Any:
+        """The plan of record()'s "hold the later deliveries back" statement for these
+        (delivery id, next attempt) retries, as :meth:`claim_plan` gives it; nothing changes."""
+        with self.store.engine.connect() as conn:
+            if self.store.backend == "postgresql":
+                return conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + _PG_HOLD_LATER,
+                                            tuple(list(column) for column in zip(*retried))).scalar_one()
+            return [(r[0], r[1], r[3]) for r in conn.execute(text("EXPLAIN QUERY PLAN " + _SQLITE_HOLD_LATER.text),
+                                                             {"b_id": retried[0][0], "b_next": retried[0][1]})]
+
     def renew(self, lease: str, ids: Sequence[int], lease_ms: int) -> int:
         if not ids:
             return 0
@@ -280,9 +304,11 @@ class DeliveryQueue:
                     state=bindparam("b_state"), next_attempt_at_ms=bindparam("b_next"),
                     last_error=bindparam("b_error"), finished_at_ms=bindparam("b_finished"),
                     locked_until_ms=None, locked_by=None), others)
-                retried = [{"b_id": o["b_id"], "b_next": o["b_next"]} for o in others if o["b_state"] != DEAD]
-                if retried:
-                    conn.execute(_HOLD_LATER, retried)
+                retried = [(o["b_id"], o["b_next"]) for o in others if o["b_state"] != DEAD]
+                if retried and self.store.backend == "postgresql":
+                    conn.exec_driver_sql(_PG_HOLD_LATER, tuple(list(column) for column in zip(*retried)))
+                elif retried:
+                    conn.execute(_SQLITE_HOLD_LATER, [{"b_id": i, "b_next": at} for i, at in retried])
 
     def take_back_leases(self) -> int:
         with self.store.engine.begin() as conn:
