@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 
@@ -38,10 +39,10 @@ class DestinationRunner:
         self.lease_ms = int(lease_seconds * 1000)
         # Lines that come once per lane or per event when the destination is in trouble.
         self.throttled = Throttled(log)
-        # Events claimed and not yet answered, by every lane; and a wake-up for lanes waiting
-        # for room under the target.
+        # Events claimed and not yet answered, by every lane; and the lanes waiting, in turn,
+        # for room under the in-hand target.
         self.unanswered = 0
-        self._room = asyncio.Event()
+        self._waiting: deque[asyncio.Future[None]] = deque()
 
     @property
     def concurrent(self) -> bool:
@@ -103,16 +104,25 @@ class DestinationRunner:
                 # Whole batches, one claim at most.
                 batch = self.config.batch_size
                 return min(self.config.claim_size, max(batch, room // batch * batch))
-            self._room.clear()
+            # Wait in line: an answer wakes one lane per claim of room, not every lane (a
+            # batch_size-100 destination has hundreds of lanes, and waking them all at each
+            # answer cost more CPU than the deliveries).
+            turn = asyncio.get_running_loop().create_future()
+            self._waiting.append(turn)
             try:
-                await asyncio.wait_for(self._room.wait(), 1.0)
+                await asyncio.wait_for(turn, 1.0)  # a plain future: no task per wait
             except asyncio.TimeoutError:
-                pass  # look at stopping and the limit again
+                pass  # look at stopping, the pause and the limit again
         return 0
 
     def _answered(self, count: int) -> None:
         self.unanswered -= count
-        self._room.set()
+        room = self.in_hand_target() - self.unanswered
+        while room > 0 and self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():  # not timed out meanwhile
+                turn.set_result(None)
+                room -= self.config.claim_size
 
     async def _drain_lane(self, stopping: Callable[[], bool]) -> int:
         tried = 0
