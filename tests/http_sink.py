@@ -70,15 +70,18 @@ class SinkHandler(RequestHandler):
 
 
 class HttpSink:
-    """Serve until :meth:`stop`; ``url`` is the base URL, any POST path is recorded."""
+    """Serve until :meth:`stop`; ``url`` is the base URL, any POST path is recorded.
 
-    def __init__(self) -> None:
+    ``port`` 0 (the default) lets the kernel pick; a test that first needs nothing listening
+    on a URL and later a sink there passes that URL's port."""
+
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[Recorded] = []
         self.answers: Callable[[Recorded], Answer] = lambda _: Answer()
         self.in_flight = 0
         self.max_in_flight = 0
         self.released: asyncio.Event | None = None
-        sockets = bind_sockets(0, "127.0.0.1")
+        sockets = bind_sockets(port, "127.0.0.1")
         self.url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
