@@ -17,6 +17,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from pipeline.config import DestinationConfig
 from pipeline.destinations.base import Destination, Event, Outcome, retry
@@ -27,6 +28,7 @@ from pipeline.retry import DEAD, BackoffPolicy
 from pipeline.store import now_ms, short_error
 
 log = logging.getLogger("trackrelay.delivery")
+T = TypeVar("T")
 
 
 class DestinationRunner:
@@ -43,6 +45,14 @@ class DestinationRunner:
         # for room under the in-hand target.
         self.unanswered = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
+        # The lanes of the drain under way, and how to start more (None between drains).
+        self._running: set[asyncio.Future[None]] = set()
+        self._start_lanes: Callable[[], None] | None = None
+        # SQLite takes one write at a time: a destination with many lanes kept as many claims
+        # and records in line as it had lanes, and a one-lane destination (file, database)
+        # got one turn in dozens (with a webhook at 20k deliveries/s, a database destination
+        # got 1-2k). With one transaction in line per destination, they take turns.
+        self._store_turn = asyncio.Lock() if queue.store.backend == "sqlite" else None
 
     @property
     def concurrent(self) -> bool:
@@ -69,25 +79,44 @@ class DestinationRunner:
         has ended: the others claim no more, and finish and record the batch they hold. A lane
         left running would go on delivering untracked, after the worker closed the adapter."""
         errors: list[Exception] = []
+        tried = [0]
 
         def lanes_stop() -> bool:
             return bool(errors) or stopping()
 
-        async def lane() -> int:
+        async def lane() -> None:
             try:
-                return await self._drain_lane(lanes_stop)
+                tried[0] += await self._drain_lane(lanes_stop)
             except Exception as exc:
                 errors.append(exc)
-                return 0
 
-        counts = await asyncio.gather(*(lane() for _ in range(self.lanes)))
+        def start_lanes() -> None:
+            # A lane that finds nothing ends; under a steady inflow all but one would be gone
+            # while events keep arriving, so new events (wake) start lanes up to the count again.
+            self._running = {task for task in self._running if not task.done()}
+            while len(self._running) < self.lanes and not lanes_stop():
+                self._running.add(asyncio.ensure_future(lane()))
+
+        self._start_lanes = start_lanes
+        try:
+            start_lanes()
+            while running := [task for task in self._running if not task.done()]:
+                await asyncio.wait(running)
+        finally:
+            self._start_lanes = None
         if errors:
             if len(errors) > 1:  # the first one is the job's error, logged by the worker
                 others = list(dict.fromkeys(short_error(other) for other in errors[1:]))
                 self.throttled.warning("lane_failed", "event=lane_failed destination=%s lanes=%d errors=%r",
                                        self.config.name, len(errors) - 1, others[:5])
             raise errors[0]
-        return sum(counts)
+        return tried[0]
+
+    def wake(self) -> None:
+        """New events are due (the decoder stored some): during a drain, start lanes again up to
+        the lane count; otherwise nothing (the worker runs the job)."""
+        if self._start_lanes is not None:
+            self._start_lanes()
 
     async def _claim_size(self, stopping: Callable[[], bool]) -> int:
         """How many events this lane claims next (0: the worker is stopping): waits while the
@@ -104,16 +133,19 @@ class DestinationRunner:
                 # Whole batches, one claim at most.
                 batch = self.config.batch_size
                 return min(self.config.claim_size, max(batch, room // batch * batch))
-            # Wait in line: an answer wakes one lane per claim of room, not every lane (a
-            # batch_size-100 destination has hundreds of lanes, and waking them all at each
-            # answer cost more CPU than the deliveries).
-            turn = asyncio.get_running_loop().create_future()
-            self._waiting.append(turn)
-            try:
-                await asyncio.wait_for(turn, 1.0)  # a plain future: no task per wait
-            except asyncio.TimeoutError:
-                pass  # look at stopping, the pause and the limit again
+            await self._wait_turn()
         return 0
+
+    async def _wait_turn(self) -> None:
+        """Wait in line until an answer makes room (or a second passes). An answer wakes one
+        lane per claim of room, not every lane: a batch_size-100 destination has hundreds of
+        lanes, and waking them all at each answer cost more CPU than the deliveries."""
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            await asyncio.wait_for(turn, 1.0)  # a plain future: no task per wait
+        except asyncio.TimeoutError:
+            pass  # look at stopping, the pause and the limit again
 
     def _answered(self, count: int) -> None:
         self.unanswered -= count
@@ -132,17 +164,17 @@ class DestinationRunner:
                 break
             self.unanswered += size  # reserved before the claim, so that lanes claiming at once share the room
             try:
-                claimed = await asyncio.to_thread(self.queue.claim, self.config.name, size, self.lease_ms)
+                claimed = await self._in_turn(self.queue.claim, self.config.name, size, self.lease_ms)
             finally:
                 self._answered(size)
             if not claimed:
-                break
+                break  # new events start lanes again (wake)
             self.unanswered += len(claimed)  # each chunk's answer takes its share off
             outcomes = await self._deliver_under_lease(claimed)
             now = now_ms()
             decisions = [(c.id, self.policy.decide(o, c.attempts, c.created_at_ms, now))
                          for c, o in zip(claimed, outcomes)]
-            await asyncio.to_thread(self.queue.record, claimed[0].lease, decisions)
+            await self._in_turn(self.queue.record, claimed[0].lease, decisions)
             count_attempts(self.config.name, [(o.kind, d.state, c.event.get("receivedAt"))
                                               for c, o, (_, d) in zip(claimed, outcomes, decisions)],
                            datetime.now(timezone.utc))
@@ -154,6 +186,12 @@ class DestinationRunner:
                                   (decision.error or "")[:200])
             tried += len(claimed)
         return tried
+
+    async def _in_turn(self, call: Callable[..., T], *args: object) -> T:
+        if self._store_turn is None:
+            return await asyncio.to_thread(call, *args)
+        async with self._store_turn:
+            return await asyncio.to_thread(call, *args)
 
     async def _deliver_under_lease(self, claimed: Sequence[Claimed]) -> list[Outcome]:
         """Call the adapter while renewing the lease, so a slow destination never causes a

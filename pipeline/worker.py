@@ -285,6 +285,9 @@ class Worker:
         """Run a job now instead of at its next tick; if it is running, once more when it ends."""
         if job_id in self._active_jobs:
             self._wanted_again.add(job_id)
+            runner = self.runners.get(job_id.removeprefix("deliver:")) if job_id.startswith("deliver:") else None
+            if runner is not None:
+                runner.wake()  # its drain starts lanes for the new events at once
             return
         if self.scheduler is not None and not self._stopping:
             job = self.scheduler.get_job(job_id)

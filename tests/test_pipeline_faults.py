@@ -43,9 +43,15 @@ def send(receiver: RunningReceiver, messages: list[dict[str, Any]]) -> None:
 
 
 def status_json(processes: Processes, config_path: Path) -> dict[str, Any]:
+    """``status --json``, each destination's concurrency controller checked and left out (the
+    worker publishes it every 2 s: there, or not yet)."""
     run = processes.run("status", "--json", "--config", str(config_path))
     assert run.popen.returncode == 0, run.log
-    return json.loads(run.output)
+    found = json.loads(run.output)
+    for destination in found["destinations"].values():
+        controller = destination.pop("concurrency")
+        assert controller is None or (controller["mode"] == "adaptive" and controller["limit"] >= 1), controller
+    return found
 
 
 def hook_status(dead: int = 0, delivered: int = 0) -> dict[str, Any]:
@@ -145,9 +151,11 @@ def test_a_worker_killed_mid_delivery_and_restarted_delivers_every_event(
         first.signal(signal.SIGKILL)
         assert first.wait() == -signal.SIGKILL
         sent_before = set(sink.requests_for())
-        # The dead worker had claimed every delivery (one claim of up to 100) and finished none.
+        # The dead worker finished none of the deliveries it had claimed (all of them, or, when
+        # a lane claimed while another lane's claim was under way, the share the in-hand target
+        # left it: pipeline/delivery.py).
         leased = [r for r in db.deliveries() if r["locked_by"] is not None]
-        assert [(r["state"], r["attempts"]) for r in leased] == [("pending", 1)] * 12
+        assert leased and [(r["state"], r["attempts"]) for r in leased] == [("pending", 1)] * len(leased)
 
         # SQLite: the new worker takes every lease back at once (only one worker can run).
         # Postgres: the leases come back when they run out (lease_seconds = 2).
@@ -158,7 +166,7 @@ def test_a_worker_killed_mid_delivery_and_restarted_delivers_every_event(
         assert all(sink.requests_for()[i] >= 2 for i in sent_before)  # in flight when killed: sent again
         assert all(r["locked_by"] is None for r in db.deliveries())
         if db.engine.dialect.name == "sqlite":
-            assert "event=leases_taken_back count=12" in second.log
+            assert f"event=leases_taken_back count={len(leased)}" in second.log
         second.signal(signal.SIGTERM)
         assert second.wait() == 0, second.log
     finally:
