@@ -5,6 +5,8 @@ has delivered all of them."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import exists, func, select, update
 
@@ -16,9 +18,27 @@ from pipeline.store import Store, now_ms
 from bench.databases import Database
 from bench.messages import SOURCE, USER_AGENT, WRITE_KEY, batch_body
 from bench.processes import BenchError, Process
+from bench.servers import write_config
+from bench.session import Session
 
 PER_REQUEST = 100
 ROWS_PER_COMMIT = 100
+
+
+def decoded_backlog(session: Session, backend: str, events: int, tag: str,
+                    destinations: tuple[Mapping[str, Any], ...]) -> Database:
+    """A fresh database holding ``events`` pending deliveries to each of ``destinations``,
+    decoded here (untimed); dropped again if that fails."""
+    database = session.databases.create(backend)
+    try:
+        fill_outbox(database, events, tag)
+        config = write_config(session.workdir, database, destinations=destinations)
+        if (decoded := decode_all(database, str(config))) != events:
+            raise BenchError(f"decoded {decoded} events, expected {events}")
+    except BaseException:
+        session.databases.drop(database)
+        raise
+    return database
 
 
 def open_store(database: Database) -> Store:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.backlog import decode_all, fill_outbox, reset_deliveries, wait_drained
+from bench.backlog import decoded_backlog, fill_outbox, reset_deliveries, wait_drained
 from bench.databases import Database
 from bench.load import run_wrk
 from bench.messages import delivered_event_body
 from bench.processes import LOAD_CPUS, SERVER_CPUS, BenchError, Process, RssSampler
 from bench.report import Figure, Target
-from bench.servers import Sink, start_worker, write_config
+from bench.servers import Sink, start_worker
 from bench.session import Session
 
 NULL = ({"name": "null", "type": "null"},)
@@ -74,17 +74,7 @@ def _webhook(url: str, batch_size: int) -> dict[str, Any]:
 
 def _decoded_backlog(session: Session, backend: str, events: int, batch_size: int, tag: str) -> Database:
     """A fresh database holding ``events`` pending webhook deliveries, decoded here (untimed)."""
-    database = session.databases.create(backend)
-    try:
-        fill_outbox(database, events, tag)
-        config = write_config(session.workdir, database, destinations=(_webhook("http://127.0.0.1:9/in", batch_size),))
-        decoded = decode_all(database, str(config))
-        if decoded != events:
-            raise BenchError(f"decoded {decoded} events, expected {events}")
-    except BaseException:
-        session.databases.drop(database)
-        raise
-    return database
+    return decoded_backlog(session, backend, events, tag, (_webhook("http://127.0.0.1:9/in", batch_size),))
 
 
 def _delivered_at_sink(sink: Sink, worker: Process, events: int, seconds: float) -> None:

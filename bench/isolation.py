@@ -17,11 +17,11 @@ import time
 from contextlib import ExitStack
 from typing import Any
 
-from bench.backlog import decode_all, fill_outbox, reset_deliveries
+from bench.backlog import decoded_backlog, reset_deliveries
 from bench.databases import Database
 from bench.processes import LOAD_CPUS, SERVER_CPUS, BenchError, free_port
 from bench.report import Figure, Target
-from bench.servers import start_worker, write_config
+from bench.servers import start_worker
 from bench.session import Session
 from bench.sinks import ControlledSink, Window, wait_first_request
 
@@ -70,26 +70,13 @@ def healthy_rate(session: Session, database: Database, events: int, down: dict[s
     return sum(w.events_per_second for w in windows)
 
 
-def decoded_backlog(session: Session, backend: str, events: int) -> Database:
-    database = session.databases.create(backend)
-    try:
-        fill_outbox(database, events, "r10")
-        config = write_config(session.workdir, database,
-                              destinations=tuple(_webhook(name, "http://127.0.0.1:9/in") for name in NAMES))
-        if (decoded := decode_all(database, str(config))) != events:
-            raise BenchError(f"decoded {decoded} events, expected {events}")
-    except BaseException:
-        session.databases.drop(database)
-        raise
-    return database
-
-
 def isolation(session: Session, backend: str) -> list[Figure]:
     # Room for 8,000 events/s to each healthy sink (5,400 each seen with all three up).
     events = max(20_000, int(8_000 * (WARM_UP + session.options.duration) * 1.5))
     figures = {how: Figure(backend, "R10", f"2 healthy webhooks, events/s, 3rd {how} (vs all 3 up)",
                            target=Target("ratio", 0.9)) for how in DOWN}
-    database = decoded_backlog(session, backend, events)
+    database = decoded_backlog(session, backend, events, "r10",
+                               tuple(_webhook(name, "http://127.0.0.1:9/in") for name in NAMES))
     try:
         for run in range(session.options.runs):
             # All up before and after each way down: its ceiling is the mean of the two, so a

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from bench.backlog import decode_all, fill_outbox, reset_deliveries
+from bench.backlog import decoded_backlog, reset_deliveries
 from bench.databases import Database
 from bench.processes import LOAD_CPUS, SERVER_CPUS, TRACKRELAY, BenchError, Process, clean_env, cpu_list
 from bench.report import Figure, Target
@@ -114,20 +114,6 @@ def deliver(session: Session, database: Database, events: int, row: Row) -> Stea
     return Steady(window, controller)
 
 
-def decoded_backlog(session: Session, backend: str, events: int) -> Database:
-    database = session.databases.create(backend)
-    try:
-        fill_outbox(database, events, "r8")
-        config = write_config(session.workdir, database,
-                              destinations=(webhook("http://127.0.0.1:9/in", Row("", 1)),))
-        if (decoded := decode_all(database, str(config))) != events:
-            raise BenchError(f"decoded {decoded} events, expected {events}")
-    except BaseException:
-        session.databases.drop(database)
-        raise
-    return database
-
-
 def _note(figure: Figure, run: int, steady: Steady, extra: str = "") -> None:
     w = steady.window
     text = (f"run {run + 1}: {w.seconds:.1f} s window, mean in flight {w.mean_in_flight:.1f}"
@@ -155,7 +141,7 @@ def steady_delivery(session: Session, backend: str) -> list[Figure]:
     r8_answered = Figure(backend, "R8",
                          f"{sink}, capacity {CAPACITY}: answered req/s (vs {CAPACITY} / {LATENCY_MS} ms)",
                          target=Target("ratio", 0.8))
-    database = decoded_backlog(session, backend, events)
+    database = decoded_backlog(session, backend, events, "r8", (webhook("http://127.0.0.1:9/in", Row("", 1)),))
     try:
         for run in range(session.options.runs):
             got = deliver(session, database, events, single)
