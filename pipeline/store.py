@@ -8,10 +8,6 @@ Contract:
   database could not be reached, was locked past the timeout or is full, so that the caller
   answers 503 and the client retries.
 - Every call opens and returns its own pooled connection; none is safe to share across threads.
-- On SQLite the write transactions of one engine take turns at a writer gate, first come
-  first served (see :class:`WriterGate`), before ``BEGIN IMMEDIATE``: SQLite's own busy
-  handler only sleeps and retries, so without it the threads of one process lost the write
-  lock to each other unfairly and slept for it (1, 2, 5 ... 100 ms) while it was free.
 """
 
 from __future__ import annotations
@@ -21,10 +17,7 @@ import logging
 import os
 import sqlite3
 import stat
-import threading
 import time
-import weakref
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -124,8 +117,6 @@ def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
     )
     synchronous = config.sqlite_synchronous
     timeout_ms = int(config.lock_timeout_seconds * 1000)
-    gate = WriterGate()
-    engine_gates[engine] = gate
 
     @event.listens_for(engine, "do_connect")
     def _before_connect(*_: Any) -> None:
@@ -145,29 +136,8 @@ def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if conn.get_execution_options().get("readonly", False):
-            conn.exec_driver_sql("BEGIN")
-            return
-        holder = conn.connection.record_info  # one per pool entry; None for a detached connection
-        waited = 0.0 if holder is None else gate.enter(holder, config.lock_timeout_seconds)
-        if waited < 0.001:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-            return
-        # The wait at the gate counts against the lock timeout: SQLite's busy handler gets
-        # only what is left of it (none: BEGIN fails at once unless the lock is free now).
-        left_ms = max(0, timeout_ms - int(waited * 1000))
-        conn.exec_driver_sql(f"PRAGMA busy_timeout={left_ms}")
-        try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        finally:
-            conn.exec_driver_sql(f"PRAGMA busy_timeout={timeout_ms}")
-
-    # The gate is let go once the connection is back in the pool: SQLAlchemy's commit and
-    # rollback events come before the COMMIT itself, which still needs the write lock. A
-    # connection that runs several transactions in one checkout keeps its turn between them.
-    @event.listens_for(engine, "checkin")
-    def _leave_gate(_dbapi_conn: Any, record: Any) -> None:
-        gate.leave(record.record_info)
+        readonly = conn.get_execution_options().get("readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     @event.listens_for(engine, "handle_error")
     def _reopen_when_read_only(context: Any) -> None:
@@ -187,64 +157,6 @@ def _sqlite_engine(url: Any, config: DatabaseConfig) -> Engine:
             context.is_disconnect = True
 
     return engine
-
-
-class WriterGate:
-    """Write transactions of one process take turns here, in the order they came.
-
-    ``enter(holder, timeout)`` returns once ``holder`` (a pool entry's ``record_info``) has
-    the gate, or after ``timeout`` seconds without it, and says how long it waited; either
-    way the transaction goes on to ``BEGIN IMMEDIATE``, so the gate can delay a write but
-    never fail one that SQLite would take. A holder that has the gate already keeps it (a
-    second transaction in one checkout). A thread that holds the gate through one connection
-    and opens a write on a second one would wait for itself: it goes straight on instead,
-    and SQLite's busy handler decides, as it would without the gate. ``leave(holder)`` hands
-    the gate to the next in line; it does nothing for a holder that does not have it.
-    """
-
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._holder: dict[str, Any] | None = None
-        self._thread = 0  # the holder's thread, to see a thread waiting for itself
-        self._line: deque[tuple[dict[str, Any], int, threading.Lock]] = deque()
-
-    def enter(self, holder: dict[str, Any], timeout: float) -> float:
-        me = threading.get_ident()
-        with self._mutex:
-            if self._holder is None:
-                self._holder, self._thread = holder, me
-                return 0.0
-            if self._holder is holder or self._thread == me:
-                return 0.0
-            turn = threading.Lock()
-            turn.acquire()
-            self._line.append((holder, me, turn))
-        started = time.monotonic()
-        if not turn.acquire(timeout=timeout):
-            with self._mutex:
-                try:
-                    self._line.remove((holder, me, turn))
-                except ValueError:
-                    pass  # handed to us just as the wait ran out: we hold it
-        return time.monotonic() - started
-
-    def leave(self, holder: dict[str, Any] | None) -> None:
-        with self._mutex:
-            if holder is None or self._holder is not holder:
-                return
-            if self._line:
-                self._holder, self._thread, turn = self._line.popleft()
-                turn.release()  # the gate passes straight to the next in line
-            else:
-                self._holder, self._thread = None, 0
-
-    @property
-    def waiting(self) -> int:
-        return len(self._line)
-
-
-# Each SQLite engine's gate, for the tests and the bench.
-engine_gates: "weakref.WeakKeyDictionary[Engine, WriterGate]" = weakref.WeakKeyDictionary()
 
 
 def _wal_files_follow_database(path: str) -> None:
