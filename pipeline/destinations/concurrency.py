@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ADAPTIVE = "adaptive"
@@ -111,7 +112,7 @@ class AdaptiveConcurrency(Concurrency):
     mode = ADAPTIVE
 
     def __init__(self, max_concurrency: int = DEFAULT_MAX_CONCURRENCY, initial: int = INITIAL_LIMIT,
-                 clock: "type[time.monotonic] | None" = None) -> None:
+                 clock: Callable[[], float] | None = None) -> None:
         super().__init__(max(1, min(initial, max_concurrency)), max_concurrency)
         self._clock = clock or time.monotonic
         self._slow_start = True
