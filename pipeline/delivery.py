@@ -86,7 +86,10 @@ class DestinationRunner:
 
         async def lane() -> None:
             try:
-                tried[0] += await self._drain_lane(lanes_stop)
+                # Not `tried[0] += await ...`: that reads tried[0] before the await, and a lane
+                # ending later would put back the count from before the others added theirs.
+                count = await self._drain_lane(lanes_stop)
+                tried[0] += count
             except Exception as exc:
                 errors.append(exc)
 
