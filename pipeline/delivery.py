@@ -16,11 +16,10 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from typing import TypeVar
 
 from pipeline.config import DestinationConfig
-from pipeline.destinations.base import Destination, Event, Outcome, retry
+from pipeline.destinations.base import Destination, Event, Outcome, StoredJson, retry
 from pipeline.logs import Throttled
 from pipeline.metrics import count_attempts
 from pipeline.queue import Claimed, DeliveryQueue
@@ -178,9 +177,8 @@ class DestinationRunner:
             decisions = [(c.id, self.policy.decide(o, c.attempts, c.created_at_ms, now))
                          for c, o in zip(claimed, outcomes)]
             await self._in_turn(self.queue.record, claimed[0].lease, decisions)
-            count_attempts(self.config.name, [(o.kind, d.state, c.event.get("receivedAt"))
-                                              for c, o, (_, d) in zip(claimed, outcomes, decisions)],
-                           datetime.now(timezone.utc))
+            count_attempts(self.config.name, [(o.kind, d.state, c.received_at_ms)
+                                              for c, o, (_, d) in zip(claimed, outcomes, decisions)], now)
             dead = [(c, d) for c, (_, d) in zip(claimed, decisions) if d.state == DEAD]
             for item, decision in dead[:5]:
                 self.throttled.warning("delivery_dead",
@@ -201,8 +199,9 @@ class DestinationRunner:
         second delivery by another lane or worker."""
         renewer = asyncio.create_task(self._renew_until_cancelled(claimed[0].lease, [c.id for c in claimed]))
         try:
-            return await deliver_in_batches(self.adapter, [c.event for c in claimed], self.config.batch_size,
-                                            self._answered)
+            events = [StoredJson(c.payload) for c in claimed] if self.adapter.takes_stored_json \
+                else [c.event for c in claimed]
+            return await deliver_in_batches(self.adapter, events, self.config.batch_size, self._answered)
         finally:
             renewer.cancel()
             try:

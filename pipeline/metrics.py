@@ -31,7 +31,6 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -211,19 +210,17 @@ def count_refused_request(code: str) -> None:
     process_metrics().rejected.labels(code).inc()
 
 
-def count_attempts(destination: str, attempts: Iterable[tuple[str, str, str | None]], now: datetime) -> None:
-    """One claimed batch's outcomes: (outcome kind, decided state, the event's receivedAt)."""
+def count_attempts(destination: str, attempts: Iterable[tuple[str, str, int]], now_ms: int) -> None:
+    """One claimed batch's outcomes: (outcome kind, decided state, when the event was received,
+    epoch ms: its receivedAt, as the events table keeps it)."""
     metrics = process_metrics()
     outcomes: dict[str, int] = {}
     lag = metrics.delivery_lag.labels(destination)
-    for kind, state, received_at in attempts:
+    for kind, state, received_at_ms in attempts:
         outcome = attempt_outcome(kind, state)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        if outcome == "delivered" and received_at:
-            try:
-                lag.observe(max(0.0, (now - datetime.fromisoformat(received_at)).total_seconds()))
-            except (TypeError, ValueError):
-                pass  # a payload without a usable receivedAt (never ours): no lag to tell
+        if outcome == "delivered":
+            lag.observe(max(0, now_ms - received_at_ms) / 1000)
     for outcome, count in outcomes.items():
         metrics.delivery_attempts.labels(destination, outcome).inc(count)
 

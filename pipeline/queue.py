@@ -41,7 +41,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -65,7 +65,7 @@ _NOT_LEASED = "(d.locked_until_ms IS NULL OR d.locked_until_ms <= {now})"
 _FIRST_OF_USER = ("(d.user_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries p "
                   "WHERE p.destination = d.destination AND p.user_key = d.user_key "
                   "AND p.state = 'pending' AND p.id < d.id))")
-_SQLITE_DUE = ("SELECT d.id, d.attempts, d.created_at_ms, e.payload FROM deliveries d "
+_SQLITE_DUE = ("SELECT d.id, d.attempts, d.created_at_ms, e.payload, e.received_at_ms FROM deliveries d "
                "JOIN events e ON e.id = d.event_id "
                "WHERE d.destination = ? AND d.state = 'pending' AND d.next_attempt_at_ms <= ? "
                f"AND {_NOT_LEASED.format(now='?')} AND {_FIRST_OF_USER} {_CLAIM_ORDER} LIMIT ?")
@@ -82,7 +82,8 @@ _PG_CLAIM = ("WITH due AS (SELECT d.id, d.next_attempt_at_ms AS due_at FROM deli
              "UPDATE deliveries SET attempts = deliveries.attempts + 1, locked_until_ms = %s, "
              "locked_by = %s, last_attempt_at_ms = %s "
              "FROM due, events e WHERE deliveries.id = due.id AND e.id = deliveries.event_id "
-             "RETURNING deliveries.id, deliveries.attempts - 1, deliveries.created_at_ms, e.payload, due.due_at")
+             "RETURNING deliveries.id, deliveries.attempts - 1, deliveries.created_at_ms, e.payload, e.received_at_ms, "
+             "due.due_at")
 _PG_CLAIM_FROM_FRONT = _PG_CLAIM.format(after="")
 _PG_CLAIM_AFTER = _PG_CLAIM.format(after="AND (d.next_attempt_at_ms, d.id) > (%s, %s) ")
 _DELIVERED_SET = ("UPDATE deliveries SET state = 'delivered', finished_at_ms = {mark}, locked_until_ms = NULL, "
@@ -173,7 +174,7 @@ class ResumePoints:
 
 def _claim_order(row: Any) -> tuple[int, int]:
     """A claimed Postgres row's place in the claim order: (its due time before the claim, id)."""
-    return row[4], row[0]
+    return row[5], row[0]
 
 
 def lease_running(now: int) -> ColumnElement[bool]:
@@ -187,14 +188,29 @@ def worker_id() -> str:
     return f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-# Not frozen: one is built per delivery claimed (see DecodedEvent). Nothing changes it.
+# Not frozen: one is built per delivery claimed (see DecodedEvent). Nothing changes it but
+# the parse kept in _event.
 @dataclass(slots=True)
 class Claimed:
     id: int
     attempts: int
     created_at_ms: int
-    event: dict[str, Any]
+    # The event as stored: the JSON the decoder wrote (orjson.dumps of the normalised event).
+    payload: bytes
+    received_at_ms: int
     lease: str  # the claim's token in locked_by: pass it to renew() and record()
+    _event: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The event parsed, on first use: an adapter that writes events out as JSON is handed
+        :attr:`payload` instead (``Destination.takes_stored_json``), and never parses it. The
+        parse was a quarter of a SQLite worker's CPU in a three-way fan-out, once per
+        destination (bench/RESULTS.md, "R9: where the time goes")."""
+        if self._event is None:
+            # The stored payload keeps numbers no double holds as their digits.
+            self._event = exactjson.loads(self.payload)
+        return self._event
 
 
 class DeliveryQueue:
@@ -221,8 +237,7 @@ class DeliveryQueue:
                 if rows:
                     conn.exec_driver_sql(_SQLITE_LEASE, (until, until, lease, now,
                                                          orjson.dumps([r[0] for r in rows])))
-        loads = exactjson.loads  # the stored payload keeps numbers no double holds as their digits
-        return [Claimed(r[0], r[1] + 1, r[2], loads(r[3]), lease) for r in rows]
+        return [Claimed(r[0], r[1] + 1, r[2], r[3], r[4], lease) for r in rows]
 
     def _claim_postgres(self, destination: str, limit: int, now: int, until: int, lease: str) -> list[Any]:
         """One round trip (two when a resumed range runs short): lock the due rows nobody holds,

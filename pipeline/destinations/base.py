@@ -8,6 +8,12 @@ delivered downstream) and returns one :class:`Outcome` per event, in order:
   after ``after`` seconds when the destination said so, e.g. ``Retry-After``).
 - ``rejected(reason)``: the destination refused it for good; it is dead at once.
 
+An adapter that only writes each event out as JSON, with ``orjson.dumps``, may say so with
+``takes_stored_json``: it is then handed each event as the JSON the worker stored, an
+``orjson.Fragment`` that ``orjson.dumps`` writes out byte for byte, and the worker does not
+parse what it would only serialise again (the same bytes: the stored JSON is ``orjson.dumps``
+of the normalised event).
+
 An exception from ``deliver`` counts as ``retry`` for every event of the batch. ``start()``
 runs once before the first delivery and ``close()`` once at shutdown; ``check()`` is an
 optional health check that returns None when healthy, or a description of the problem.
@@ -21,7 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import orjson
+
 Event = dict[str, Any]
+# An event as the worker stored it (see takes_stored_json): orjson.dumps writes it out as it is.
+StoredJson = orjson.Fragment
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,12 @@ class Destination:
     Options: ClassVar[type] = NoOptions
     # How many events one deliver() call receives unless the destination's config says otherwise.
     default_batch_size: ClassVar[int] = 100
+
+    @property
+    def takes_stored_json(self) -> bool:
+        """True when ``deliver`` does nothing with an event but ``orjson.dumps`` it (or
+        nothing at all): it is handed :data:`StoredJson` events, never parsed."""
+        return False
 
     def __init__(self, name: str, options: Any, batch_size: int) -> None:
         self.name = name

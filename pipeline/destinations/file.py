@@ -54,6 +54,10 @@ class FileDestination(Destination):
         self._index = 0
         self._lock = threading.Lock()
 
+    @property
+    def takes_stored_json(self) -> bool:
+        return True  # each event becomes orjson.dumps(event) and a newline
+
     async def start(self) -> None:
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
 

@@ -125,6 +125,12 @@ class WebhookDestination(Destination):
         self._pending: asyncio.Queue[Pending] | None = None
         self._senders: set[asyncio.Task[None]] = set()
 
+    @property
+    def takes_stored_json(self) -> bool:
+        # Only this class's encode sends each event as it is; a subclass that changes the
+        # request (segment adds sentAt) reads the events.
+        return type(self).encode is WebhookDestination.encode
+
     def endpoint(self) -> str:
         return self.options.url
 
