@@ -24,6 +24,9 @@ class Decision:
     error: str | None = None
 
 
+DELIVERED_DECISION = Decision(DELIVERED)
+
+
 @dataclass(frozen=True)
 class BackoffPolicy:
     max_attempts: int = 10
@@ -45,7 +48,7 @@ class BackoffPolicy:
                rng: random.Random | None = None) -> Decision:
         """``attempts`` counts the attempt that produced ``outcome``."""
         if outcome.delivered:
-            return Decision(DELIVERED)
+            return DELIVERED_DECISION  # frozen: one for all, not one per delivered event
         error = outcome.reason[:MAX_ERROR_CHARS] or outcome.kind
         if outcome.kind == "rejected":
             return Decision(DEAD, error=f"rejected: {error}"[:MAX_ERROR_CHARS])

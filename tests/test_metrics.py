@@ -120,3 +120,31 @@ def test_counts_taken_while_folding_are_not_lost() -> None:
     assert requests_by_route()[("track", "200")] == before + 1
     counts.fold()
     assert requests_by_route()[("track", "200")] == before + 2
+
+
+def test_a_batchs_delivery_lags_are_folded_as_observing_each_would() -> None:
+    """count_attempts folds a claimed batch's lags into the histogram at once: the same buckets,
+    count and sum as one observe() per delivered event; retries and dead ones have no lag."""
+    destination = f"lag-{os.getpid()}-{id(object())}"
+    now = 1_000_000_000
+    lags = [0.0, 0.05, 0.051, 0.1, 2.0, 5.0, 7.5, 10800.0, 10800.5, 99999.0]
+    attempts = [("delivered", "delivered", now - round(lag * 1000)) for lag in lags]
+    attempts += [("retry", "pending", now - 1000), ("rejected", "dead", now - 1000), ("retry", "dead", now - 5)]
+    attempts.append(("delivered", "delivered", now + 2000))  # a clock that stepped back: lag 0, not negative
+    metrics.count_attempts(destination, attempts, now)
+    expected = Histogram("t_expected_lag_seconds", "t", buckets=metrics.LAG_BUCKETS, registry=None)
+    for lag in [*lags, 0.0]:
+        expected.observe(lag)
+    wanted = {s.name.replace("t_expected_lag_seconds", ""): s.value
+              for s in next(iter(expected.collect())).samples if s.name.endswith(("_count", "_sum"))}
+    got = {name: value for (name, labels), value in current().items()
+           if ("destination", destination) in labels and name.startswith("trackrelay_delivery_")}
+    buckets = {dict(labels)["le"]: value for (name, labels), value in current().items()
+               if name == "trackrelay_delivery_lag_seconds_bucket" and ("destination", destination) in labels}
+    observed = {s.labels["le"]: s.value for s in next(iter(expected.collect())).samples if s.name.endswith("_bucket")}
+    assert buckets == observed and buckets["0.05"] == 3 and buckets["+Inf"] == 11
+    assert got["trackrelay_delivery_lag_seconds_count"] == wanted["_count"] == 11
+    assert got["trackrelay_delivery_lag_seconds_sum"] == pytest.approx(wanted["_sum"])
+    attempts_by_outcome = {dict(labels)["outcome"]: value for (name, labels), value in current().items()
+                           if name == "trackrelay_delivery_attempts_total" and ("destination", destination) in labels}
+    assert attempts_by_outcome == {"delivered": 11, "retry": 1, "rejected": 1, "dead": 1}
