@@ -8,7 +8,7 @@ import itertools
 import json
 import sys
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,14 @@ def start_hello(workdir: Path, cpus: set[int] = SERVER_CPUS) -> tuple[Process, i
 
 
 class Sink:
-    """``bench.sink`` on a free port, with its counters one GET away."""
+    """``bench.sink`` on a free port (with ``options``: see bench/sinks.py), with its counters
+    one request away."""
 
-    def __init__(self, workdir: Path, record: bool = False, cpus: set[int] = SERVER_CPUS) -> None:
+    def __init__(self, workdir: Path, record: bool = False, cpus: set[int] = SERVER_CPUS,
+                 options: Sequence[str] = ()) -> None:
         self.port = free_port()
-        argv = [sys.executable, "-m", "bench.sink", "--port", str(self.port)] + (["--record"] if record else [])
+        argv = [sys.executable, "-m", "bench.sink", "--port", str(self.port),
+                *(["--record"] if record else []), *options]
         self.process = Process("sink", argv, _log(workdir, "sink"), cpus)
         self.url = f"http://127.0.0.1:{self.port}/in"
         try:
@@ -99,15 +102,17 @@ class Sink:
             self.process.stop()
             raise
 
-    def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as answer:
+    def _call(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        """GET ``path``, or POST ``body`` to it as JSON."""
+        data = None if body is None else json.dumps(body).encode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", data=data, timeout=30) as answer:
             return json.loads(answer.read())
 
     def stats(self) -> dict[str, Any]:
-        return self._get("/stats")
+        return self._call("/stats")
 
     def arrivals(self) -> dict[str, float]:
-        return self._get("/arrivals")
+        return self._call("/arrivals")
 
     def stop(self) -> None:
         self.process.stop()

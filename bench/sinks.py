@@ -3,58 +3,27 @@ and settings one request away, and the counters' differences over a measured win
 
 from __future__ import annotations
 
-import itertools
-import json
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.processes import LOAD_CPUS, BenchError, Process, free_port
+from bench.processes import LOAD_CPUS, BenchError, Process
+from bench.servers import Sink
 
-_names = itertools.count()
 
-
-class ControlledSink:
+class ControlledSink(Sink):
     """A sink on the asyncio engine (``--latency-ms``, ``--capacity``, ``--status``, ``--never-answer``)."""
 
     def __init__(self, workdir: Path, cpus: set[int] = LOAD_CPUS, latency_ms: float = 0.0, capacity: int = 0,
                  status: int = 200, never_answer: bool = False) -> None:
-        self.port = free_port()
-        argv = [sys.executable, "-m", "bench.sink", "--port", str(self.port), "--engine", "asyncio",
-                "--latency-ms", str(latency_ms), "--capacity", str(capacity), "--status", str(status)]
-        if never_answer:
-            argv.append("--never-answer")
-        self.process = Process("sink", argv, workdir / f"sink-{next(_names)}.log", cpus)
-        self.url = f"http://127.0.0.1:{self.port}/in"
-        try:
-            self.process.wait_port(self.port)
-        except BaseException:
-            self.process.stop()
-            raise
-
-    def _call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", data=data, timeout=30) as answer:
-            return json.loads(answer.read())
-
-    def stats(self) -> dict[str, Any]:
-        return self._call("/stats")
+        super().__init__(workdir, cpus=cpus, options=[
+            "--engine", "asyncio", "--latency-ms", str(latency_ms), "--capacity", str(capacity),
+            "--status", str(status), *(["--never-answer"] if never_answer else [])])
 
     def control(self, **settings: Any) -> dict[str, Any]:
         """Change ``latency_ms``, ``capacity``, ``status`` or ``never_answer`` from now on."""
         return self._call("/control", settings)
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def __enter__(self) -> ControlledSink:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True)
