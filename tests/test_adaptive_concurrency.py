@@ -181,6 +181,25 @@ def test_against_a_capacity_of_16_the_limit_settles_near_16(sink: HttpSink) -> N
     assert destination.controller.snapshot().back_pressure == answered["refused"]
 
 
+@pytest.mark.parametrize(("status", "pushes_back"), [(500, True), (502, True), (504, True), (408, True),
+                                                     (501, False), (400, False), (404, False)])
+def test_a_retryable_answer_cuts_the_limit_and_a_refusal_does_not(sink: HttpSink, status: int,
+                                                                  pushes_back: bool) -> None:
+    """A destination answering 5xx to everything is down: left at its limit it would cost the
+    worker as much as a healthy one (bench R10). A 4xx (or 501) refuses the events, not the load."""
+    sink.answers = lambda _: Answer(status)
+    destination = WebhookDestination("hook", WebhookOptions(url=sink.url), 1)
+    [outcomes] = deliver_all(destination, [events(200, f"s{status}")])
+    assert {o.kind for o in outcomes} == ({"retry"} if pushes_back else {"rejected"})
+    snapshot = destination.controller.snapshot()
+    assert len(sink.requests) == 200 and destination.pause_seconds() == 0  # no Retry-After: no pause
+    if pushes_back:
+        assert snapshot.back_pressure == 200 and snapshot.cuts >= 1 and snapshot.limit < 8, snapshot
+    else:
+        # Not pushed back: the limit grows (a cut, if any, is the round trip's, not the answers').
+        assert snapshot.back_pressure == 0 and snapshot.limit > 8, snapshot
+
+
 def test_a_sink_that_slows_down_cuts_the_limit_and_one_that_recovers_lets_it_grow(sink: HttpSink) -> None:
     latency = {"seconds": 0.02}
     sink.answers = lambda _: Answer(200, delay=latency["seconds"])
