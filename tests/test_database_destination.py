@@ -11,9 +11,12 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
+from pipeline import exactjson
 from pipeline.destinations.base import DELIVERED, Outcome
-from pipeline.destinations.database import TABLE_OF_TYPE, DatabaseDestination, DatabaseOptions, warehouse_tables
+from pipeline.destinations.database import (TABLE_OF_TYPE, DatabaseDestination, DatabaseOptions, event_row,
+                                           warehouse_tables)
 
 COMMON = {
     "userId": "u1", "anonymousId": "a1",
@@ -257,3 +260,115 @@ def test_unsupported_url_is_refused() -> None:
         DatabaseDestination("warehouse", DatabaseOptions(url="mysql://localhost/x"), 200)
     assert str(info.value) == ("database destination 'warehouse' url: unsupported scheme 'mysql', "
                                "use sqlite:/// or postgresql://")
+
+
+# What the insert path could change: it hands the driver SQL compiled once and parameters it
+# prepares itself (through the types' bind processors), instead of conn.execute(insert, rows).
+
+# Numbers a double cannot hold, kept as their text (orjson.Fragment) by exactjson as the worker reads them.
+EXACT_PROPERTIES = exactjson.loads(b'{"revenue":12345678901234567890123.5,"count":98765432109876543210,'
+                                   b'"tiny":1e-400}')
+EXACT_TRAITS = exactjson.loads(b'{"id":-18446744073709551617}')
+VARIED = [
+    {**COMMON, "type": "track", "messageId": "v-offsets", "event": "Größe ändern 🚀",
+     "timestamp": "2026-11-26T12:00:00+02:00", "originalTimestamp": "2026-11-26T04:29:59.999999-05:30",
+     "sentAt": "2026-11-26T10:00:01", "receivedAt": "2026-11-26T10:00:02.1Z",
+     "properties": {"nested": {"list": [1, 2.5, None, True, {"deep": ["x"]}], "text": "é\u2028\u0301"},
+                    "empty": {}, "none": None}},
+    {**COMMON, "type": "track", "messageId": "v-old-year", "userId": 7, "anonymousId": "ユーザー",
+     "timestamp": "0999-01-02T03:04:05.000001Z", "originalTimestamp": "9999-12-31T23:59:59.999999Z",
+     "sentAt": "2026-02-28T23:59:59.5+00:00", "receivedAt": "2026-11-26T10:00:02.000Z",
+     "properties": EXACT_PROPERTIES},
+    {**COMMON, "type": "identify", "messageId": "v-big",
+     "context": {**COMMON["context"], "ip": None, "screen": {"density": 2.625}}, "traits": EXACT_TRAITS},
+]
+
+
+def stored(url: str, table: str) -> list[tuple[Any, ...]]:
+    """The rows of ``table`` as the driver reads them (SQLite: the stored text of times)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.exec_driver_sql(f'SELECT * FROM "{table}" ORDER BY id')]
+    finally:
+        engine.dispose()
+
+
+def stored_by_core(url: str, events: list[dict[str, Any]], loaded_at: datetime) -> None:
+    """Insert ``events`` as the destination did before it compiled its own statements: through
+    conn.execute(insert(table).on_conflict_do_nothing(...), rows), into tables prefixed "core_"."""
+    metadata, tables = warehouse_tables("core_")
+    insert = sqlite.insert if url.startswith("sqlite") else postgresql.insert
+    engine = sa.create_engine(url)
+    try:
+        metadata.create_all(engine)
+        with engine.begin() as conn:
+            for e in events:
+                conn.execute(insert(tables[e["type"]]).on_conflict_do_nothing(index_elements=["id"]),
+                             [event_row(e, loaded_at)])
+    finally:
+        engine.dispose()
+
+
+def test_stored_values_are_what_sqlalchemy_core_stores(warehouse: DatabaseDestination, warehouse_url: str) -> None:
+    assert all(isinstance(v, exactjson.Fragment) for v in [*EXACT_PROPERTIES.values(), EXACT_TRAITS["id"]])
+    assert deliver(warehouse, VARIED) == [DELIVERED] * 3
+    [loaded_at] = {row["loaded_at"] for table in ("tracks", "identifies") for row in rows(warehouse_url, table)}
+    stored_by_core(warehouse_url, VARIED, utc(loaded_at))  # type: ignore[arg-type]
+    for table in ("tracks", "identifies"):
+        assert stored(warehouse_url, table) == stored(warehouse_url, f"core_{table}")
+    tracks = {row["id"]: row for row in rows(warehouse_url, "tracks")}
+    assert utc(tracks["v-offsets"]["timestamp"]) == datetime(2026, 11, 26, 10, 0, tzinfo=timezone.utc)
+    assert utc(tracks["v-offsets"]["original_timestamp"]) == datetime(2026, 11, 26, 9, 59, 59, 999999,
+                                                                       tzinfo=timezone.utc)
+    assert utc(tracks["v-old-year"]["timestamp"]) == datetime(999, 1, 2, 3, 4, 5, 1, tzinfo=timezone.utc)
+    assert tracks["v-old-year"]["user_id"] == "7" and tracks["v-old-year"]["anonymous_id"] == "ユーザー"
+    assert tracks["v-old-year"]["properties"] == ('{"revenue":12345678901234567890123.5,'
+                                                  '"count":98765432109876543210,"tiny":1e-400}')
+    assert tracks["v-offsets"]["event"] == "Größe ändern 🚀"
+    [identify] = rows(warehouse_url, "identifies")
+    assert identify["traits"] == '{"id":-18446744073709551617}' and identify["context_ip"] is None
+    assert orjson.loads(identify["event_json"])["context"]["screen"] == {"density": 2.625}
+
+
+def test_a_duplicate_id_keeps_the_first_row(warehouse: DatabaseDestination, warehouse_url: str) -> None:
+    first = event("track", messageId="dup", event="First")
+    assert deliver(warehouse, [first, event("track", messageId="dup", event="Second"),
+                               event("page", messageId="dup")]) == [DELIVERED] * 3
+    other = event("track", messageId="other")
+    assert deliver(warehouse, [event("track", messageId="dup", event="Third"), other]) == [DELIVERED] * 2
+    assert [(row["id"], row["event"], row["event_json"]) for row in rows(warehouse_url, "tracks")] == [
+        ("dup", "First", orjson.dumps(first).decode()), ("other", "Signed Up", orjson.dumps(other).decode())]
+    assert [row["id"] for row in rows(warehouse_url, "pages")] == ["dup"]  # a table of its own
+
+
+def refuse_user(url: str, user_id: str) -> None:
+    """A trigger that makes the database refuse, as a constraint would, a track row of ``user_id``."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            if url.startswith("sqlite"):
+                conn.exec_driver_sql(f"CREATE TRIGGER refuse BEFORE INSERT ON tracks WHEN NEW.user_id = '{user_id}' "
+                                     "BEGIN SELECT RAISE(ABORT, 'user refused'); END")
+            else:
+                conn.exec_driver_sql(
+                    "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    f"IF NEW.user_id = '{user_id}' THEN "
+                    "RAISE EXCEPTION 'user refused' USING ERRCODE = 'check_violation'; END IF; RETURN NEW; END $$")
+                conn.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON tracks "
+                                     "FOR EACH ROW EXECUTE FUNCTION refuse()")
+    finally:
+        engine.dispose()
+
+
+def test_a_row_refused_by_a_constraint_is_rejected_alone(warehouse: DatabaseDestination, warehouse_url: str) -> None:
+    refuse_user(warehouse_url, "refused")
+    outcomes = deliver(warehouse, [event("identify"), event("track", messageId="t1"),
+                                   event("track", messageId="t2", userId="refused"), event("page"),
+                                   event("track", messageId="t3")])
+    assert [o.kind for o in outcomes] == ["delivered", "delivered", "rejected", "delivered", "delivered"]
+    assert outcomes[2].reason in ("refused by the database: IntegrityError: user refused",
+                                  "refused by the database: CheckViolation: user refused")
+    assert [row["id"] for row in rows(warehouse_url, "tracks")] == ["t1", "t3"]
+    assert [row["id"] for row in rows(warehouse_url, "identifies")] == ["m-identify"]
+    assert [row["id"] for row in rows(warehouse_url, "pages")] == ["m-page"]
