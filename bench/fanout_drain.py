@@ -5,7 +5,7 @@ second of the worker's own CPU (user + system, from /proc): on this shared 2-cor
 second moves far less with the neighbours' load than the first, so compare that one between
 commits, alternating runs.
 
-    python -m bench.fanout_drain [--backend sqlite|postgres] [--events 50000] [--runs 3]
+    python -m bench.fanout_drain [--backend sqlite|postgres] [--events 50000] [--runs 3] [--only hook,file]
 
 Not a figure of ``python -m bench``: a diagnostic for the per-delivery cost R9 is bound by
 (bench/RESULTS.md, "R9: where the time goes").
@@ -44,8 +44,7 @@ def cpu_seconds(pid: int) -> float:
 
 def _wait_all_delivered(database: object, worker: Process, expected: int, timeout: float) -> None:
     store = open_store(database)  # type: ignore[arg-type]
-    delivered = select(func.count()).select_from(deliveries).where(
-        deliveries.c.destination.in_(DESTINATIONS), deliveries.c.state == "delivered")
+    delivered = select(func.count()).select_from(deliveries).where(deliveries.c.state == "delivered")
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -60,24 +59,42 @@ def _wait_all_delivered(database: object, worker: Process, expected: int, timeou
         store.dispose()
 
 
-def one_drain(session: Session, backend: str, events: int, tag: str) -> tuple[float, float]:
-    """(deliveries/s, deliveries per worker CPU-second) for one drain of a fresh backlog."""
+def finish_times(database: object, since_ms: int) -> dict[str, float]:
+    """Seconds from ``since_ms`` to each destination's last delivery: how fairly they were served."""
+    store = open_store(database)  # type: ignore[arg-type]
+    try:
+        with store.engine.connect() as conn:
+            rows = conn.execute(select(deliveries.c.destination, func.max(deliveries.c.finished_at_ms))
+                                .group_by(deliveries.c.destination)).all()
+    finally:
+        store.dispose()
+    return {name: (last - since_ms) / 1000 for name, last in rows}
+
+
+def one_drain(session: Session, backend: str, events: int, tag: str,
+              only: tuple[str, ...] = DESTINATIONS) -> tuple[float, float]:
+    """(deliveries/s, deliveries per worker CPU-second) for one drain of a fresh backlog to the
+    destinations named ``only`` (R9's three by default)."""
     with ControlledSink(session.workdir, LOAD_CPUS) as sink:
-        destinations, warehouse = _destinations(session, backend, sink.url, tag)
+        every, warehouse = _destinations(session, backend, sink.url, tag)
+        destinations = tuple(d for d in every if d["name"] in only)
         database = decoded_backlog(session, backend, events, tag, destinations)
         try:
             worker, _ = start_worker(session.workdir, database, destinations)
             with worker:
-                started, cpu_before = time.monotonic(), cpu_seconds(worker.pid)
-                _wait_all_delivered(database, worker, events * len(DESTINATIONS), 120 + events / 100)
+                started, started_ms, cpu_before = time.monotonic(), int(time.time() * 1000), cpu_seconds(worker.pid)
+                _wait_all_delivered(database, worker, events * len(destinations), 120 + events / 100)
                 wall, cpu = time.monotonic() - started, cpu_seconds(worker.pid) - cpu_before
+            finished = finish_times(database, started_ms)
+            session.say("last delivery after: " + ", ".join(f"{name} {seconds:.1f} s"
+                                                            for name, seconds in sorted(finished.items())))
         finally:
             session.databases.drop(database)
             if warehouse is not None:
                 session.databases.drop(warehouse)
             shutil.rmtree(session.workdir / f"files-{tag}", ignore_errors=True)
             (session.workdir / f"warehouse-{tag}.sqlite").unlink(missing_ok=True)
-    total = events * len(DESTINATIONS)
+    total = events * len(destinations)
     return total / wall, total / cpu
 
 
@@ -88,16 +105,18 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
+    parser.add_argument("--only", default=",".join(DESTINATIONS), metavar="NAMES",
+                        help=f"some of {','.join(DESTINATIONS)} (default: all three)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="trackrelay-fanout-drain-") as workdir:
         session = Session(Options(runs=args.runs), Path(workdir), Databases(Path(workdir), args.postgres_url))
         rates, per_cpu = [], []
         for run in range(args.runs):
-            rate, cpu = one_drain(session, args.backend, args.events, f"fd-{run}")
+            rate, cpu = one_drain(session, args.backend, args.events, f"fd-{run}", tuple(args.only.split(",")))
             rates.append(rate)
             per_cpu.append(cpu)
             session.say(f"{args.backend} run {run + 1}: {rate:,.0f} deliveries/s, {cpu:,.0f} per worker CPU-second")
-        print(f"{args.backend}: {args.events:,} events x {len(DESTINATIONS)}: median {statistics.median(rates):,.0f} "
+        print(f"{args.backend}: {args.events:,} events to {args.only}: median {statistics.median(rates):,.0f} "
               f"deliveries/s, {statistics.median(per_cpu):,.0f} deliveries per worker CPU-second "
               f"(runs: {', '.join(f'{r:,.0f}/{c:,.0f}' for r, c in zip(rates, per_cpu))})")
 
