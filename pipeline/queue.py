@@ -205,8 +205,8 @@ class Claimed:
     def event(self) -> dict[str, Any]:
         """The event parsed, on first use: an adapter that writes events out as JSON is handed
         :attr:`payload` instead (``Destination.takes_stored_json``), and never parses it. The
-        parse was a quarter of a SQLite worker's CPU in a three-way fan-out, once per
-        destination (bench/RESULTS.md, "R9: where the time goes")."""
+        parse, once per destination, was 12-25% of a SQLite worker's CPU in a three-way
+        fan-out (bench/RESULTS.md, "R9: where the time goes")."""
         if self._event is None:
             # The stored payload keeps numbers no double holds as their digits.
             self._event = exactjson.loads(self.payload)
