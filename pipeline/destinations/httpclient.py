@@ -111,7 +111,7 @@ class Response:
         return self.content.decode("utf-8", errors="replace")
 
 
-class _Closed(RemoteProtocolError):
+class ConnectionClosed(RemoteProtocolError):
     """The connection closed before any byte of the answer: the request may be sent again."""
 
 
@@ -179,7 +179,7 @@ class _Connection(asyncio.Protocol):
             self._keep_alive = False
             self._finish()
         elif not self._got_bytes:
-            waiter.set_exception(_Closed("server closed the connection without answering"))
+            waiter.set_exception(ConnectionClosed("server closed the connection without answering"))
         else:
             waiter.set_exception(RemoteProtocolError("server closed the connection mid-answer"))
 
@@ -188,7 +188,7 @@ class _Connection(asyncio.Protocol):
     async def exchange(self, request: bytes, timeout: float) -> Response:
         assert self.transport is not None and self._state == _DONE
         if self.closed or self.transport.is_closing():
-            raise _Closed("connection closed before the request was sent")
+            raise ConnectionClosed("connection closed before the request was sent")
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
         self._buffer.clear()
@@ -506,7 +506,7 @@ class HttpClient:
         connection, reused = await self._acquire()
         try:
             return await connection.exchange(request, self.timeout)
-        except _Closed:
+        except ConnectionClosed:
             if not reused:
                 raise
         finally:
