@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(DESTINATIONS), metavar="NAMES",
                         help=f"some of {','.join(DESTINATIONS)} (default: all three)")
     args = parser.parse_args()
+    if not args.only or set(args.only.split(",")) - set(DESTINATIONS):
+        parser.error(f"--only takes some of {','.join(DESTINATIONS)}, got {args.only!r}")
     with tempfile.TemporaryDirectory(prefix="trackrelay-fanout-drain-") as workdir:
         session = Session(Options(runs=args.runs), Path(workdir), Databases(Path(workdir), args.postgres_url))
         rates, per_cpu = [], []

@@ -228,8 +228,9 @@ def count_attempts(destination: str, attempts: Iterable[tuple[str, str, int]], n
             total += lag
     for outcome, count in outcomes.items():
         metrics.delivery_attempts.labels(destination, outcome).inc(count)
+    lag_histogram = metrics.delivery_lag.labels(destination)  # shown (at zero) before a first delivery
     if outcomes.get("delivered"):
-        add_buckets(metrics.delivery_lag.labels(destination), lags, total)
+        add_buckets(lag_histogram, lags, total)
 
 
 def attempt_outcome(kind: str, state: str) -> str:

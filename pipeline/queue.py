@@ -237,7 +237,10 @@ class DeliveryQueue:
                 if rows:
                     conn.exec_driver_sql(_SQLITE_LEASE, (until, until, lease, now,
                                                          orjson.dumps([r[0] for r in rows])))
-        return [Claimed(r[0], r[1] + 1, r[2], r[3], r[4], lease) for r in rows]
+        # bytes from both drivers (a BLOB, a bytea); a Fragment of anything else would fail
+        # only when written out, so any other buffer becomes bytes here.
+        return [Claimed(r[0], r[1] + 1, r[2], r[3] if type(r[3]) is bytes else bytes(r[3]), r[4], lease)
+                for r in rows]
 
     def _claim_postgres(self, destination: str, limit: int, now: int, until: int, lease: str) -> list[Any]:
         """One round trip (two when a resumed range runs short): lock the due rows nobody holds,

@@ -6,6 +6,7 @@ Assertions are on the limits and counts the controller and the sink report."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -181,23 +182,39 @@ def test_against_a_capacity_of_16_the_limit_settles_near_16(sink: HttpSink) -> N
     assert destination.controller.snapshot().back_pressure == answered["refused"]
 
 
-@pytest.mark.parametrize(("status", "pushes_back"), [(500, True), (502, True), (504, True), (408, True),
-                                                     (501, False), (400, False), (404, False)])
-def test_a_retryable_answer_cuts_the_limit_and_a_refusal_does_not(sink: HttpSink, status: int,
-                                                                  pushes_back: bool) -> None:
+@pytest.mark.parametrize(("status", "pushed_back"), [
+    (503, 200), (502, 200), (504, 200), (408, 200), (429, 200),  # overload: every one
+    (500, 199), (507, 199),  # every one that follows another failure
+    (501, 0), (400, 0), (404, 0)])  # refusals: none
+def test_a_destination_answering_a_failure_to_everything_is_cut_and_a_refusal_is_not(
+        sink: HttpSink, status: int, pushed_back: int) -> None:
     """A destination answering 5xx to everything is down: left at its limit it would cost the
     worker as much as a healthy one (bench R10). A 4xx (or 501) refuses the events, not the load."""
     sink.answers = lambda _: Answer(status)
     destination = WebhookDestination("hook", WebhookOptions(url=sink.url), 1)
     [outcomes] = deliver_all(destination, [events(200, f"s{status}")])
-    assert {o.kind for o in outcomes} == ({"retry"} if pushes_back else {"rejected"})
+    assert {o.kind for o in outcomes} == ({"rejected"} if status in (501, 400, 404) else {"retry"})
     snapshot = destination.controller.snapshot()
     assert len(sink.requests) == 200 and destination.pause_seconds() == 0  # no Retry-After: no pause
-    if pushes_back:
-        assert snapshot.back_pressure == 200 and snapshot.cuts >= 1 and snapshot.limit < 8, snapshot
-    else:
-        # Not pushed back: the limit grows (a cut, if any, is the round trip's, not the answers').
-        assert snapshot.back_pressure == 0 and snapshot.limit > 8, snapshot
+    assert snapshot.back_pressure == pushed_back, snapshot
+    if pushed_back:
+        assert snapshot.cuts >= 1 and snapshot.limit < 8, snapshot
+
+
+def test_a_lone_500_among_successes_does_not_cut_but_two_in_a_row_do(sink: HttpSink) -> None:
+    """One bad event's 500 says nothing about the load: every 10th answer a 500 leaves the
+    limit to grow; two failures in a row are push-back."""
+    answered = itertools.count()
+    sink.answers = lambda _: Answer(500 if next(answered) % 10 == 9 else 200)
+    destination = WebhookDestination("hook", WebhookOptions(url=sink.url, concurrency=1), 1)  # answers in order
+    [outcomes] = deliver_all(destination, [events(100, "lone")])
+    assert [o.kind for o in outcomes].count("retry") == 10
+    assert destination.controller.snapshot().back_pressure == 0
+    answered = itertools.count()
+    sink.answers = lambda _: Answer(500 if next(answered) % 10 in (8, 9) else 200)
+    destination = WebhookDestination("hook", WebhookOptions(url=sink.url, concurrency=1), 1)
+    deliver_all(destination, [events(100, "pairs")])
+    assert destination.controller.snapshot().back_pressure == 10  # the second of each pair
 
 
 def test_a_sink_that_slows_down_cuts_the_limit_and_one_that_recovers_lets_it_grow(sink: HttpSink) -> None:

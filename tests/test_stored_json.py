@@ -81,6 +81,23 @@ def test_which_adapters_take_the_stored_json(tmp_path: Path) -> None:
 
     assert not Stamped("stamped", WebhookOptions(url="http://127.0.0.1:9/in"), 1).takes_stored_json
 
+    class Counted(WebhookDestination):  # reads each event's fields when the answer comes
+        def outcomes(self, chunk: Any, response: Any) -> list[Any]:
+            assert all(event["messageId"] for event in chunk)
+            return super().outcomes(chunk, response)
+
+    class Filtered(FileDestination):
+        async def deliver(self, events: Any) -> list[Any]:
+            return await super().deliver([e for e in events if e.get("type") != "page"])
+
+    class Routed(WebhookDestination):  # only the URL changes: the events still pass as they are
+        def endpoint(self) -> str:
+            return self.options.url + "/routed"
+
+    assert not Counted("counted", WebhookOptions(url="http://127.0.0.1:9/in"), 1).takes_stored_json
+    assert not Filtered("filtered", FileOptions(path=str(tmp_path)), 10).takes_stored_json
+    assert Routed("routed", WebhookOptions(url="http://127.0.0.1:9/in"), 1).takes_stored_json
+
 
 LONG_NUMBERS = ["1234567890123456789012345", "1.00000000000000000001", "1e400", "-0.0", "1E5"]
 

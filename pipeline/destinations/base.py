@@ -1,7 +1,8 @@
 """The destination adapter contract: deliver a batch of events, answer for each one.
 
 An adapter is a small class. ``deliver(events)`` receives normalised events (dicts, the JSON
-delivered downstream) and returns one :class:`Outcome` per event, in order:
+delivered downstream; :data:`StoredJson` for an adapter that ``takes_stored_json``) and
+returns one :class:`Outcome` per event, in order:
 
 - ``DELIVERED``: the destination has it; never offered again.
 - ``retry(reason, after=None)``: a temporary failure; offered again after the backoff (or
@@ -61,6 +62,12 @@ class NoOptions:
     """For adapters that take no settings of their own."""
 
 
+def inherits(adapter: object, cls: type, *methods: str) -> bool:
+    """Whether ``adapter``'s class takes each of ``methods`` from ``cls`` unchanged."""
+    kind = type(adapter)
+    return all(getattr(kind, name) is getattr(cls, name) for name in methods)
+
+
 class Destination:
     """Base class of every adapter. Subclasses set ``Options`` (a frozen dataclass of their
     own settings, validated at start-up like the rest of the configuration) and implement
@@ -73,7 +80,9 @@ class Destination:
     @property
     def takes_stored_json(self) -> bool:
         """True when ``deliver`` does nothing with an event but ``orjson.dumps`` it (or
-        nothing at all): it is handed :data:`StoredJson` events, never parsed."""
+        nothing at all): it is handed :data:`StoredJson` events, never parsed. A built-in that
+        says so says it only for itself: a subclass that overrides any of its methods that
+        see the events gets dicts again (see :func:`inherits`)."""
         return False
 
     def __init__(self, name: str, options: Any, batch_size: int) -> None:

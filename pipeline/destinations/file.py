@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from pipeline.destinations.base import DELIVERED, Destination, Event, Outcome, rejected, retry
+from pipeline.destinations.base import DELIVERED, Destination, Event, Outcome, inherits, rejected, retry
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class FileDestination(Destination):
 
     @property
     def takes_stored_json(self) -> bool:
-        return True  # each event becomes orjson.dumps(event) and a newline
+        # Each event becomes orjson.dumps(event) and a newline (in this class's deliver).
+        return inherits(self, FileDestination, "deliver")
 
     async def start(self) -> None:
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 import httpx
 import orjson
 
-from pipeline.destinations.base import Destination, Event, Outcome, rejected, retry
+from pipeline.destinations.base import Destination, Event, Outcome, inherits, rejected, retry
 from pipeline.destinations.concurrency import (ADAPTIVE, DEFAULT_MAX_CONCURRENCY, Concurrency, Snapshot,
                                                check_concurrency, controller_for)
 from pipeline.destinations.http import (header_value, is_retryable_status, outcome_for_exception, outcome_for_status,
@@ -68,14 +68,21 @@ def is_push_back(exc: Exception) -> bool:
     return isinstance(exc, (HttpTimeout, ConnectError, RemoteProtocolError))
 
 
-def is_push_back_status(status: int) -> bool:
-    """An answer to be retried, whatever its reason: ``408``, ``429``, and ``5xx`` but ``501``
-    and ``505``. Vector's adaptive concurrency counts every retryable answer as back pressure
-    too. A ``500`` may be one bad event's, but a destination answering ``500`` to everything
-    is down: were it left at its limit, each of its answers, as quick as a healthy one's,
-    would cost the worker a claim and a record as a delivery does, and the healthy
-    destinations got 0.88 of their rate on Postgres (bench R10)."""
-    return is_retryable_status(status)
+# Answers that say "slow down" whenever they come: the destination, or a gateway in front of
+# it, is overloaded or cannot reach it.
+OVERLOAD_STATUSES = frozenset({408, 429, 502, 503, 504})
+
+
+def is_push_back_status(status: int, after_failure: bool) -> bool:
+    """Whether an answer cuts the adaptive limit: an overload status always; any other answer
+    that is retried (``500``, ``5xx`` but ``501`` and ``505``) when the answer before it was a
+    retried failure too. Vector's adaptive concurrency counts every retryable answer; but a
+    lone ``500`` is often one bad event's, and with 1% of answers ``500`` the limit would
+    settle near 30. A destination answering ``500`` to everything is down, though: left at
+    its limit, each of its answers, as quick as a healthy one's, cost the worker a claim and
+    a record as a delivery does, and the healthy destinations got 0.88 of their rate on
+    Postgres (bench R10)."""
+    return status in OVERLOAD_STATUSES or (after_failure and is_retryable_status(status))
 
 
 def user_agent() -> str:
@@ -116,6 +123,8 @@ class WebhookDestination(Destination):
         self.controller: Concurrency = controller_for(options.concurrency, options.max_concurrency)
         # Monotonic time until which the destination asked us (Retry-After) to send nothing.
         self._resume_at = 0.0
+        # Whether the last answer to come (any sender's) was a failure to retry.
+        self._last_failed = False
         try:
             url = httpx.URL(self.endpoint())
         except httpx.InvalidURL as exc:
@@ -138,9 +147,9 @@ class WebhookDestination(Destination):
 
     @property
     def takes_stored_json(self) -> bool:
-        # Only this class's encode sends each event as it is; a subclass that changes the
-        # request (segment adds sentAt) reads the events.
-        return type(self).encode is WebhookDestination.encode
+        # Only this class's own methods pass each event on as it is; a subclass that changes
+        # how a chunk is sent or read (segment adds sentAt to each) may read the events.
+        return inherits(self, WebhookDestination, "deliver", "_send", "encode", "outcomes")
 
     def endpoint(self) -> str:
         return self.options.url
@@ -217,6 +226,7 @@ class WebhookDestination(Destination):
                     response = await client.send(request)
                 except Exception as exc:  # HttpError, or a bug of ours: the caller's to handle, not ours to die of
                     controller.finished(time.monotonic() - sent, pushed_back=is_push_back(exc))
+                    self._last_failed = True
                     if not answer.done():
                         answer.set_exception(exc)
                 except asyncio.CancelledError:
@@ -226,7 +236,9 @@ class WebhookDestination(Destination):
                     raise
                 else:
                     now = time.monotonic()
-                    controller.finished(now - sent, pushed_back=is_push_back_status(response.status_code))
+                    status = response.status_code
+                    controller.finished(now - sent, pushed_back=is_push_back_status(status, self._last_failed))
+                    self._last_failed = is_retryable_status(status)
                     if response.status_code in PAUSE_STATUSES:
                         wait = retry_after_seconds(header_value(response.headers, "Retry-After"))
                         if wait:
