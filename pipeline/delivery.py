@@ -8,6 +8,8 @@ claim): enough that its senders never wait for a claim, however the adaptive lim
 no more, so that leases are not taken far ahead of sending and memory does not grow with the
 backlog. An event counts as in hand from its claim until its answer came (not until its batch
 is recorded), so a lane waiting for the last answers of its claim does not hold the others back.
+Once a claim finds nothing due, the lanes waiting for room end instead of claiming in turn;
+new events (``wake``) start them again.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class DestinationRunner:
         # The lanes of the drain under way, and how to start more (None between drains).
         self._running: set[asyncio.Future[None]] = set()
         self._start_lanes: Callable[[], None] | None = None
+        # Set when a claim came back empty (the due events ran out), cleared by wake (new
+        # ones came): a lane that waited for room then ends instead of claiming. Without it
+        # each wake let every waiting lane make a claim that found nothing, one after
+        # another: a batch_size-100 webhook has 385 lanes, and in R9's steady trickle on
+        # Postgres claims were 46% of the executor threads' time.
+        self._ran_dry = False
         # SQLite takes one write at a time: a destination with many lanes kept as many claims
         # and records in line as it had lanes, and a one-lane destination (file, database)
         # got one turn in dozens (with a webhook at 20k deliveries/s, a database destination
@@ -117,6 +125,7 @@ class DestinationRunner:
     def wake(self) -> None:
         """New events are due (the decoder stored some): during a drain, start lanes again up to
         the lane count; otherwise nothing (the worker runs the job)."""
+        self._ran_dry = False
         if self._start_lanes is not None:
             self._start_lanes()
 
@@ -136,6 +145,8 @@ class DestinationRunner:
                 batch = self.config.batch_size
                 return min(self.config.claim_size, max(batch, room // batch * batch))
             await self._wait_turn()
+            if self._ran_dry:
+                break  # the due events ran out while it waited: wake starts lanes for new ones
         return 0
 
     async def _wait_turn(self) -> None:
@@ -170,6 +181,7 @@ class DestinationRunner:
             finally:
                 self._answered(size)
             if not claimed:
+                self._ran_dry = True  # none left due now: lanes waiting for room end (see __init__)
                 break  # new events start lanes again (wake)
             self.unanswered += len(claimed)  # each chunk's answer takes its share off
             outcomes = await self._deliver_under_lease(claimed)

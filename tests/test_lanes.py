@@ -151,3 +151,60 @@ def test_when_several_lanes_fail_drain_raises_the_first_and_logs_the_others_in_o
     leases = [str(raised.value)] + line.split("errors=")[1].split("', '")
     assert len({text.split("(w1:")[1].split(")")[0] for text in leases}) == 4
     assert len(adapter.calls) == 4  # no lane claimed again after a failure
+
+
+class CountingQueue(DeliveryQueue):
+    """The real queue, counting its claims and how many came back empty."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store, "w1")
+        self.claims = self.empty = 0
+        self._lock = threading.Lock()
+
+    def claim(self, destination: str, limit: int, lease_ms: int) -> list[Any]:
+        claimed = super().claim(destination, limit, lease_ms)
+        with self._lock:
+            self.claims += 1
+            self.empty += not claimed
+        return claimed
+
+
+class ManyLanes(Destination):
+    """Answers after a short wait, as a remote destination would; allows many requests at once,
+    so the runner keeps many lanes (most of them waiting for room)."""
+
+    def __init__(self) -> None:
+        super().__init__("hook", NoOptions(), 1)
+
+    @property
+    def parallelism(self) -> int:
+        return 4
+
+    @property
+    def max_parallelism(self) -> int:
+        return 64
+
+    async def deliver(self, events: Sequence[Event]) -> list[Outcome]:
+        await asyncio.sleep(0.02)
+        return [DELIVERED] * len(events)
+
+
+def test_once_the_due_events_run_out_the_waiting_lanes_end_without_claiming(store: Store) -> None:
+    """A claim that finds nothing ends the lanes waiting for room: each wake, or each drain,
+    would otherwise make one empty claim per lane (a batch_size-100 webhook has 385)."""
+    for n in range(20):
+        add_delivery(store, add_event(store, f"m{n}"))
+    config = DestinationConfig(name="hook", type="fake", options=NoOptions(), batch_size=1, claim_size=2)
+    queue = CountingQueue(store)
+    runner = DestinationRunner(config, ManyLanes(), queue, lease_seconds=60)
+    assert runner.lanes > 40  # room for 4 requests now; lanes enough for 64
+
+    async def main() -> int:
+        return await runner.drain(lambda: False)
+
+    assert asyncio.run(main()) == 20
+    assert {r["state"] for r in rows(store, "deliveries")} == {"delivered"}
+    # Ten claims of two, and a few that found nothing (lanes that were claiming when the
+    # events ran out), not one per lane.
+    assert queue.claims - queue.empty == 10, (queue.claims, queue.empty)
+    assert queue.empty <= 6, (queue.claims, queue.empty, runner.lanes)

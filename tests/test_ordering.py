@@ -311,9 +311,12 @@ def test_two_workers_on_postgres_keep_each_users_order(postgres_url: str, tmp_pa
         return Answer(500, delay=0.005) if index % 3 == 1 and tried[message_id] == 1 else Answer(delay=0.005)
 
     sink.decide = decide
+    # Each worker holds at most 4 events (2 requests in flight, claims of 2): fewer than the 12
+    # users' first events, so both take part from the first claims on. (A worker with room for
+    # them all took every one, and, recording each user's release itself, the next ones too.)
     configs = [read_config(write_config(tmp_path / f"worker-{name}.toml", postgres_url,
-                                        [webhook(sink.url, ordering="user", claim_size=4, max_attempts=100,
-                                                 headers={"X-Worker": name})]))
+                                        [webhook(sink.url, ordering="user", claim_size=2, concurrency=2,
+                                                 max_attempts=100, headers={"X-Worker": name})]))
                for name in ("a", "b")]
     receiver = RunningReceiver(configs[0])
     db = Database(postgres_url)
