@@ -154,10 +154,15 @@ def offer(session: Session, backend: str, rate: float, tag: str) -> Step:
         return step
     finally:
         session.databases.drop(database)
-        if warehouse is not None:
-            session.databases.drop(warehouse)
-        shutil.rmtree(session.workdir / f"files-{tag}", ignore_errors=True)
-        (session.workdir / f"warehouse-{tag}.sqlite").unlink(missing_ok=True)
+        drop_destinations(session, warehouse, tag)
+
+
+def drop_destinations(session: Session, warehouse: Database | None, tag: str) -> None:
+    """Remove what _destinations made for ``tag``: the warehouse database, the files."""
+    if warehouse is not None:
+        session.databases.drop(warehouse)
+    shutil.rmtree(session.workdir / f"files-{tag}", ignore_errors=True)
+    (session.workdir / f"warehouse-{tag}.sqlite").unlink(missing_ok=True)
 
 
 def _paced(session: Session, port: int, rate: float, window: float, tag: str, step: Step, database: Database,

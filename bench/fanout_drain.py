@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pipeline.schema import deliveries
 
 from bench.backlog import decoded_backlog, open_store
 from bench.databases import DEFAULT_POSTGRES_URL, Databases
-from bench.fanout import DESTINATIONS, _destinations
+from bench.fanout import DESTINATIONS, _destinations, drop_destinations
 from bench.processes import LOAD_CPUS, BenchError, Process
 from bench.servers import start_worker
 from bench.session import Options, Session
@@ -90,10 +89,7 @@ def one_drain(session: Session, backend: str, events: int, tag: str,
                                                             for name, seconds in sorted(finished.items())))
         finally:
             session.databases.drop(database)
-            if warehouse is not None:
-                session.databases.drop(warehouse)
-            shutil.rmtree(session.workdir / f"files-{tag}", ignore_errors=True)
-            (session.workdir / f"warehouse-{tag}.sqlite").unlink(missing_ok=True)
+            drop_destinations(session, warehouse, tag)
     total = events * len(destinations)
     return total / wall, total / cpu
 

@@ -243,6 +243,17 @@ class UnansweringServer:
         self._listener.close()
 
 
+def deliver_once(destination: WebhookDestination, batch: list[dict[str, Any]]) -> list[Any]:
+    """Start the destination, deliver one batch, close it; the batch's outcomes."""
+    async def main() -> list[Any]:
+        await destination.start()
+        try:
+            return await destination.deliver(batch)
+        finally:
+            await destination.close()
+    return asyncio.run(main())
+
+
 @pytest.mark.parametrize(("reply", "error"), [
     (b"", "ConnectionClosed: server closed the connection without answering"),
     (b"SMTP ready\r\n\r\n", "RemoteProtocolError: not an HTTP/1.x answer")], ids=["closed", "garbage"])
@@ -252,15 +263,8 @@ def test_a_connection_closed_without_an_answer_is_retried_and_cuts_the_adaptive_
     destination = WebhookDestination("hook", WebhookOptions(url=server.url, concurrency="adaptive"), 1)
     before = destination.controller.snapshot()
 
-    async def main() -> Any:
-        await destination.start()
-        try:
-            return await destination.deliver([track("m0")])
-        finally:
-            await destination.close()
-
     try:
-        [outcome] = asyncio.run(main())
+        [outcome] = deliver_once(destination, [track("m0")])
     finally:
         server.stop()
     after = destination.controller.snapshot()
@@ -279,15 +283,8 @@ def test_with_a_fixed_concurrency_the_protocol_error_is_counted_and_the_limit_st
     server = UnansweringServer()
     destination = WebhookDestination("hook", WebhookOptions(url=server.url, concurrency=3), 1)
 
-    async def main() -> Any:
-        await destination.start()
-        try:
-            return await destination.deliver([track("m0")])
-        finally:
-            await destination.close()
-
     try:
-        [outcome] = asyncio.run(main())
+        [outcome] = deliver_once(destination, [track("m0")])
     finally:
         server.stop()
     snapshot = destination.controller.snapshot()
