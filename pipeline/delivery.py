@@ -108,6 +108,7 @@ class DestinationRunner:
                 self._running.add(asyncio.ensure_future(lane()))
 
         self._start_lanes = start_lanes
+        self._ran_dry = False  # a new drain claims afresh (events may have come since the last)
         try:
             start_lanes()
             while running := [task for task in self._running if not task.done()]:

@@ -40,7 +40,19 @@ def test_numbers_orjson_keeps_stay_native(text: str, value: Any) -> None:
 
 def test_without_a_long_run_of_digits_orjson_alone_parses() -> None:
     assert not exactjson.may_lose_digits(b'{"a": 123456789012345, "b": "2026-12-01T10:00:00.123Z"}')
+    assert not exactjson.may_lose_digits(b'{"a": 1234567.1234567, "b": 1.5e-10}')  # 14 digits: exact
     assert exactjson.may_lose_digits(b'{"a": "x1234567890123456"}')
+
+
+@pytest.mark.parametrize("text", ["82.15390486277237", "1.2345678901234567e5", "-0.12345678901234567",
+                                  "123456789.12345678"])
+def test_sixteen_digits_split_by_the_point_are_a_long_run_too(text: str) -> None:
+    """Found by tests/test_stored_json.py's property: 16 significant digits in runs of 2 and 14
+    went to orjson alone, and came back one unit in the last place off."""
+    body = f'{{"n": {text}}}'.encode()  # nothing else in the body takes the slow path
+    assert exactjson.may_lose_digits(body)
+    value = exactjson.loads(body)["n"]
+    assert Decimal(orjson.dumps(value).decode()) == Decimal(text)
 
 
 def test_invalid_json_is_refused_as_orjson_refuses_it() -> None:

@@ -203,8 +203,10 @@ def test_two_workers_on_postgres_share_the_work_and_deliver_no_event_twice(
         postgres_url: str, tmp_path: Path, sink: ScriptedSink, processes: Processes) -> None:
     sink.decide = lambda n, _: Answer(delay=0.01)
     # Each worker marks its requests with a header of its own, to show that both took part.
+    # Four requests in flight each, so that one worker cannot hold all 300 at once (with an
+    # adaptive limit, the first worker took them all before the second's next poll).
     configs = [write_config(tmp_path / f"worker-{name}.toml", postgres_url,
-                            [webhook(sink.url, headers={"X-Worker": name}, claim_size=10)])
+                            [webhook(sink.url, headers={"X-Worker": name}, claim_size=10, concurrency=4)])
                for name in ("a", "b")]
     receiver = RunningReceiver(read_config(configs[0]))
     db = Database(postgres_url)
