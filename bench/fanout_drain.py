@@ -14,7 +14,6 @@ Not a figure of ``python -m bench``: a diagnostic for the per-delivery cost R9 i
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -26,20 +25,12 @@ from pipeline.schema import deliveries
 
 from bench.backlog import decoded_backlog, open_store
 from bench.databases import DEFAULT_POSTGRES_URL, Databases
+from bench.console_cost import cpu_seconds
 from bench.fanout import DESTINATIONS, _destinations, drop_destinations
 from bench.processes import LOAD_CPUS, BenchError, Process
 from bench.servers import start_worker
 from bench.session import Options, Session
 from bench.sinks import ControlledSink
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14 and 15)
-
 
 def _wait_all_delivered(database: object, worker: Process, expected: int, timeout: float) -> None:
     store = open_store(database)  # type: ignore[arg-type]
